@@ -1,0 +1,205 @@
+"""Generation: prompts to token ids, and mlx-lm's sampling loop with stop strings on top.
+
+Sampling, logits processors, KV caches and detokenization are mlx-lm's (``stream_generate``);
+this module adds what an application needs around them: chat messages through the
+tokenizer's chat template, stop strings that never reach the output, finish reasons.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .stats import Stats
+
+Prompt = str | Sequence[int] | Sequence[dict]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+FinishReason = Literal["stop", "length", "tool_calls", "incomplete"]
+
+
+@dataclass
+class GenerationParams:
+    """Sampling and stopping options of one generation (mlx-lm's meanings)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    logits_processors: Sequence[LogitsProcessor] = ()
+    enable_thinking: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed text and the token ids that produced it."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class GenerationResult:
+    """What a generation produced. ``text`` is the content: no stop string, no tool-call or
+    reasoning markup (those are in ``tool_calls`` and ``reasoning``)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    stats: Stats
+    prompt_token_ids: list[int] = field(default_factory=list)
+    raw_text: str = ""
+    reasoning: str | None = None
+    tool_calls: list[Any] = field(default_factory=list)
+    invalid_tool_calls: list[Any] = field(default_factory=list)
+    parsed: Any = None
+
+
+def encode_prompt(
+    tokenizer: TokenizerWrapper,
+    prompt: Prompt,
+    *,
+    tools: Sequence[dict] | None = None,
+    enable_thinking: bool | None = None,
+) -> list[int]:
+    """Token ids of a prompt: a string, token ids, or chat messages (rendered by the template).
+
+    A conversation whose last message is from the assistant is continued, not answered.
+    """
+    if isinstance(prompt, str):
+        bos = tokenizer.bos_token
+        return tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    prompt = list(prompt)
+    if not prompt:
+        raise ValueError("empty prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return prompt
+    if not all(isinstance(m, dict) and "role" in m for m in prompt):
+        raise TypeError("prompt must be a string, a list of token ids, or a list of messages "
+                        "(dicts with 'role' and 'content')")
+    if tokenizer.chat_template is None:
+        raise ValueError("this model's tokenizer has no chat template; pass a string prompt")
+    continue_final = prompt[-1]["role"] == "assistant"
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    text = tokenizer.apply_chat_template(
+        prompt,
+        tools=list(tools) if tools else None,
+        tokenize=False,
+        add_generation_prompt=not continue_final,
+        continue_final_message=continue_final,
+        **extra,
+    )
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that could still become a stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+@dataclass
+class TokenStream:
+    """Iterates ``Chunk``s; afterwards holds the finish reason, token ids and timings."""
+
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    prompt_ids: list[int]
+    params: GenerationParams
+    prefill_step_size: int = 2048
+    prompt_cache: list | None = None  # the model's caches, already holding the earlier prompt
+    extra_processors: Sequence[LogitsProcessor] = ()
+    finish_reason: FinishReason = "length"
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+
+    def __iter__(self) -> Iterator[Chunk]:
+        p = self.params
+        if p.seed is not None:
+            mx.random.seed(p.seed)
+        sampler = make_sampler(p.temperature, p.top_p, p.min_p, top_k=p.top_k)
+        processors = make_logits_processors(repetition_penalty=p.repetition_penalty)
+        processors += list(p.logits_processors) + list(self.extra_processors)
+        stops = list(p.stop)
+        emitted = 0  # characters of self.text already yielded
+        pending: list[int] = []
+        start = time.perf_counter()
+        first = None
+        responses = stream_generate(
+            self.model, self.tokenizer, mx.array(self.prompt_ids), max_tokens=p.max_tokens,
+            sampler=sampler, logits_processors=processors or None,
+            prefill_step_size=self.prefill_step_size, prompt_cache=self.prompt_cache,
+        )
+        try:
+            for response in responses:
+                if first is None:
+                    first = time.perf_counter()
+                if response.finish_reason != "stop" or response.token not in self._eos:
+                    self.token_ids.append(response.token)
+                    pending.append(response.token)
+                self.text += response.text
+                if stops:
+                    cut = min((i for s in stops if (i := self.text.find(s, max(0, emitted - len(s)))) >= 0),
+                              default=-1)
+                    if cut >= 0:
+                        self.text = self.text[:cut]
+                        self.finish_reason = "stop"
+                        if cut > emitted:
+                            yield Chunk(self.text[emitted:], pending)
+                        return
+                if response.finish_reason is not None:
+                    self.finish_reason = response.finish_reason
+                hold = _held_back(self.text, stops) if response.finish_reason is None else 0
+                if len(self.text) - hold > emitted or (pending and response.finish_reason):
+                    yield Chunk(self.text[emitted : len(self.text) - hold], pending)
+                    emitted, pending = len(self.text) - hold, []
+        finally:
+            responses.close()
+            end = time.perf_counter()
+            first = first or end
+            self.prompt_seconds = first - start
+            self.generation_seconds = end - first
+
+    @property
+    def _eos(self) -> set[int]:
+        return set(self.tokenizer.eos_token_ids)
+
+
+def finish_stats(stats: Stats, stream: TokenStream) -> Stats:
+    """Fill the token counts and timings of a finished stream into ``stats``."""
+    stats.prompt_tokens = len(stream.prompt_ids)
+    stats.generated_tokens = len(stream.token_ids)
+    stats.prompt_seconds = stream.prompt_seconds
+    stats.generation_seconds = stream.generation_seconds
+    stats.compute_seconds = stream.prompt_seconds + stream.generation_seconds - stats.io_seconds
+    return stats
