@@ -6,7 +6,7 @@ The pipeline, one module each: ``store`` (format) -> ``pack`` -> ``reader`` -> `
 
 from .engine import FlashMoE
 from .generate import Chunk, GenerationParams, GenerationResult
-from .pack import PackOptions, pack
+from .packing import PackOptions, pack
 from .stats import Stats
 from .store import StoreError, verify_store
 

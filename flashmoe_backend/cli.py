@@ -47,7 +47,7 @@ def _load(args):
                          policy=args.policy)
 
 
-def _print_stats(stats, out=sys.stderr) -> None:
+def _print_stats(stats) -> None:
     print(
         f"[flashmoe] prompt {stats.prompt_tokens} tok at {stats.prompt_tps:.1f} tok/s, "
         f"generated {stats.generated_tokens} tok at {stats.generation_tps:.1f} tok/s | "
@@ -55,7 +55,7 @@ def _print_stats(stats, out=sys.stderr) -> None:
         f"{stats.bytes_read / MiB:.1f} MiB read, I/O wait {stats.io_seconds:.2f}s, "
         f"compute {stats.compute_seconds:.2f}s, cache {stats.cache_bytes / MiB:.1f} MiB "
         f"(peak {stats.cache_bytes_peak / MiB:.1f} MiB)",
-        file=out,
+        file=sys.stderr,
     )
 
 
@@ -73,7 +73,7 @@ def _stream_to_stdout(engine, prompt, **kwargs):
 
 
 def cmd_pack(args) -> int:
-    from .pack import PackOptions, pack
+    from .packing import PackOptions, pack
 
     manifest = pack(args.src, args.dst, PackOptions(bits=args.bits, group_size=args.group_size,
                                                     dtype=args.dtype))

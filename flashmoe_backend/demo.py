@@ -28,7 +28,7 @@ def default_store() -> Path:
     store = home() / DEMO_NAME
     if (store / "manifest.json").is_file():
         return store
-    from .pack import PackOptions, pack
+    from .packing import PackOptions, pack
     from .tiny import build_tiny_checkpoint
 
     store.parent.mkdir(parents=True, exist_ok=True)

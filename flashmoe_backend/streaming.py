@@ -72,7 +72,7 @@ class ExpertStreamer:
     def fetch(self, layer: int, experts: list[int]) -> list[ExpertWeights]:
         """Weights of the given experts, pinned in the cache until ``release``."""
         keys = [(layer, e) for e in experts]
-        found = {e: self.cache.lookup(k) for e, k in zip(experts, keys)}
+        found = {e: self.cache.lookup(k) for e, k in zip(experts, keys, strict=True)}
         self.cache.pin(k for k in keys if k in self.cache)
         missing = [e for e in experts if found[e] is None]
         if missing:
@@ -82,7 +82,7 @@ class ExpertStreamer:
             self.counters.io_seconds += time.perf_counter() - tic
             self.counters.experts_read += len(missing)
             self.counters.bytes_read += len(missing) * spec.record_bytes
-            for e, weights in zip(missing, loaded):
+            for e, weights in zip(missing, loaded, strict=True):
                 self.cache.insert((layer, e), weights, spec.record_bytes)
                 self.cache.pin([(layer, e)])
                 found[e] = weights

@@ -140,6 +140,14 @@ def test_budget_is_respected_and_output_exact(checkpoints):
     assert engine.stats.misses == stats.misses  # cumulative == the only generation so far
 
 
+def _recording(read, log):
+    def recorded(layer, experts):
+        log.append((layer, list(experts)))
+        return read(layer, experts)
+
+    return recorded
+
+
 def test_prefill_reads_each_needed_expert_once_per_chunk(checkpoints):
     """A 256-token prompt in one layer-major chunk: each needed expert read at most once, also
     when the chunk needs more experts than the budget holds (grouped processing)."""
@@ -152,9 +160,7 @@ def test_prefill_reads_each_needed_expert_once_per_chunk(checkpoints):
     for budget_fraction in (1.0, 0.3):  # of ONE layer's experts: 0.3 forces groups
         engine = FlashMoE.load(store, cache_gb=budget_fraction * layer_gb, prefill_step_size=256)
         reads = []
-        real_read = engine.streamer.reader.read
-        engine.streamer.reader.read = lambda layer, ex: reads.append((layer, list(ex))) or \
-            real_read(layer, ex)
+        engine.streamer.reader.read = _recording(engine.streamer.reader.read, reads)
         engine.model(mx.array(prompt[:256])[None], cache=make_prompt_cache(engine.model))
         per_layer = {}
         for layer, experts in reads:
@@ -218,7 +224,8 @@ def test_stream_stop_strings_and_seed(checkpoints):
     # Stop at a string that occurs in the text: it never reaches the output.
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
     assert stop.strip(), "the random text should have printable characters mid-way"
-    stopped = engine.generate("The records say", max_tokens=30, temperature=0.9, seed=3, stop=[stop])
+    stopped = engine.generate("The records say", max_tokens=30, temperature=0.9, seed=3,
+                              stop=[stop])
     assert stopped.finish_reason == "stop"
     assert stop not in stopped.text
     assert full.text.startswith(stopped.text)

@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
-from mlx_lm.utils import load_model, quantize_model, save_config
+from mlx_lm.utils import _get_classes, load_model, quantize_model, save_config
 from tqdm import tqdm
 
 from .store import (
@@ -68,18 +68,27 @@ def _read_source_config(src: Path) -> dict:
         raise StoreError(f"{path}: not valid JSON ({e})") from e
 
 
-def _load_source(src: Path, config: dict) -> tuple[nn.Module, dict]:
+def _check_architecture(src: Path, config: dict) -> None:
+    """Refuse, before reading any weight, what is not an mlx-lm MoE built on SwitchGLU."""
     model_type = config.get("model_type")
     try:
+        model_class, args_class = _get_classes(config)
+    except (ValueError, KeyError) as e:
+        raise StoreError(
+            f"{src / CONFIG}: model_type {model_type!r} is not an architecture mlx-lm knows"
+        ) from e
+    if not find_switch_modules(model_class(args_class.from_dict(config))):  # lazy: no memory
+        raise StoreError(
+            f"{src / CONFIG}: model_type {model_type!r} has no MoE experts (no SwitchGLU "
+            f"layers); flashmoe streams Mixture-of-Experts models only"
+        )
+
+
+def _load_source(src: Path) -> tuple[nn.Module, dict]:
+    try:
         return load_model(src, lazy=True, strict=True)
-    except ValueError as e:
-        if "not supported" in str(e):
-            raise StoreError(
-                f"{src / CONFIG}: model_type {model_type!r} is not an architecture mlx-lm knows"
-            ) from e
+    except (ValueError, FileNotFoundError) as e:
         raise StoreError(f"{src}: cannot load the checkpoint with mlx-lm: {e}") from e
-    except FileNotFoundError as e:
-        raise StoreError(f"{src}: {e}") from e
 
 
 def _conversion_dtype(config: dict, requested: str | None) -> str | None:
@@ -210,17 +219,13 @@ def pack(src: Path | str, dst: Path | str, options: PackOptions = PackOptions())
     if dst.exists():
         raise StoreError(f"{dst}: already exists; remove it or choose another destination")
     config = _read_source_config(src)
+    _check_architecture(src, config)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         tokenizer_files = _copy_tokenizer(src, tmp)
-        model, config = _load_source(src, config)
+        model, config = _load_source(src)
         switches = find_switch_modules(model)
-        if not switches:
-            raise StoreError(
-                f"{src / CONFIG}: model_type {config.get('model_type')!r} has no MoE experts "
-                f"(no SwitchGLU layers); flashmoe streams Mixture-of-Experts models only"
-            )
         config = _prepare(model, config, options, src)
         (tmp / "experts").mkdir()
         layers = []
