@@ -14,7 +14,6 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
 from flashmoe_backend import FlashMoE, PackOptions, pack
-from flashmoe_backend.tiny import build_quantized_checkpoint, build_tiny_checkpoint
 
 ARCHS = ["qwen3_5_moe", "qwen3_next", "qwen3_moe"]
 PROMPT = [5, 17, 42, 99, 7, 250, 31, 64, 128, 3, 77, 11]
@@ -23,17 +22,17 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, tiny_hf_dir, tiny_quantized_dir):
     """arch -> (hf dir, float store, 4-bit mlx-lm-converted dir, store packed from that)."""
     built = {}
 
     def get(arch):
         if arch not in built:
             root = tmp_path_factory.mktemp(arch)
-            hf = build_tiny_checkpoint(root / "hf", arch, seed=1)
+            hf = tiny_hf_dir(arch, seed=1)
             store = root / "store"
             pack(hf, store, PackOptions(bits=16, progress=False))
-            quant = build_quantized_checkpoint(hf, root / "mlx4", bits=4, group_size=32)
+            quant = tiny_quantized_dir(arch, bits=4, group_size=32, seed=1)
             qstore = root / "qstore"
             pack(quant, qstore, PackOptions(progress=False))
             built[arch] = hf, store, quant, qstore
@@ -220,7 +219,9 @@ def test_stream_stop_strings_and_seed(checkpoints):
     pieces = list(engine.stream("The records say", max_tokens=30, temperature=0.9, seed=3))
     result = pieces[-1]
     assert "".join(p.text for p in pieces[:-1]) == result.text == full.text
-    assert result.finish_reason == "length" and len(result.token_ids) == 30
+    # 30 tokens, or fewer if the random model sampled its end-of-turn token.
+    eos_hit = result.finish_reason == "stop" and len(result.token_ids) < 30
+    assert (result.finish_reason == "length" and len(result.token_ids) == 30) or eos_hit
     # Stop at a string that occurs in the text: it never reaches the output.
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
     assert stop.strip(), "the random text should have printable characters mid-way"

@@ -13,12 +13,12 @@ import pytest
 from flashmoe_backend import FlashMoE, PackOptions, StoreError, pack, verify_store
 from flashmoe_backend.cli import main
 from flashmoe_backend.store import ALIGNMENT, read_manifest
-from flashmoe_backend.tiny import build_quantized_checkpoint, build_tiny_checkpoint
+from flashmoe_backend.tiny import build_quantized_checkpoint
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("hf") / "qwen35", "qwen3_5_moe", seed=2)
+def hf_dir(tiny_hf_dir):
+    return tiny_hf_dir("qwen3_5_moe", seed=2)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,87 @@
+"""Shared pytest fixtures: tiny random checkpoints built on the fly, cached for the session.
+
+* ``tiny_hf_dir(arch="qwen3_5_moe", **options) -> Path`` (alias ``tiny_checkpoint``): a Hugging
+  Face checkpoint made by :func:`flashmoe_backend.tiny.build_tiny_checkpoint` (``options`` are
+  its keyword arguments).
+* ``tiny_quantized_dir(arch="qwen3_5_moe", bits=4, group_size=32, **options) -> Path``: the
+  mlx-community style copy of that checkpoint made by ``mlx_lm.convert``.
+* ``tiny_tokenizer_dir(tool_format="xml") -> Path``: just the tokenizer + chat template.
+
+Each distinct set of arguments is built once per session; treat the directories as read-only
+(copy one before damaging it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _key(*parts: Any, **options: Any) -> tuple:
+    return (*parts, *sorted(options.items()))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: ``tiny_hf_dir(arch="qwen3_5_moe", **build_tiny_checkpoint_options) -> Path``."""
+    from flashmoe_backend.tiny import build_tiny_checkpoint
+
+    built: dict[tuple, Path] = {}
+
+    def get(arch: str = "qwen3_5_moe", **options: Any) -> Path:
+        key = _key(arch, **options)
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"tiny-{arch}")
+            built[key] = build_tiny_checkpoint(root / "hf", arch, **options)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_hf_dir: Callable[..., Path]) -> Callable[..., Path]:
+    """Alias of :func:`tiny_hf_dir`."""
+    return tiny_hf_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Callable[..., Path]
+) -> Callable[..., Path]:
+    """Factory: ``tiny_quantized_dir(arch="qwen3_5_moe", bits=4, group_size=32, **options)``."""
+    from flashmoe_backend.tiny import build_quantized_checkpoint
+
+    built: dict[tuple, Path] = {}
+
+    def get(
+        arch: str = "qwen3_5_moe", bits: int = 4, group_size: int = 32, **options: Any
+    ) -> Path:
+        key = _key(arch, bits, group_size, **options)
+        if key not in built:
+            hf = tiny_hf_dir(arch, **options)
+            root = tmp_path_factory.mktemp(f"tiny-{arch}-q{bits}g{group_size}")
+            built[key] = build_quantized_checkpoint(hf, root / "mlx", bits=bits,
+                                                    group_size=group_size)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: ``tiny_tokenizer_dir(tool_format="xml", **build_tokenizer_options) -> Path``."""
+    from flashmoe_backend.tiny import build_tokenizer
+
+    built: dict[tuple, Path] = {}
+
+    def get(tool_format: str = "xml", **options: Any) -> Path:
+        key = _key(tool_format, **options)
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"tok-{tool_format}")
+            built[key] = build_tokenizer(root / "tok", tool_format=tool_format, **options)
+        return built[key]
+
+    return get
