@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
@@ -26,11 +27,13 @@ from .generate import (
     encode_prompt,
     finish_stats,
 )
+from .output import MarkupFilter, OutputPlan, prompt_in_think
 from .prompt_cache import PromptCache, message_boundaries, prefill
 from .reader import ExpertReader, PageCache, ReaderConfig, Verify
 from .stats import Stats
 from .store import Manifest, StoreError, check_store, read_config, read_manifest
 from .streaming import ExpertStreamer, StreamCounters, install_streaming
+from .tool_calls import normalize_tool_choice, normalize_tools
 
 GB = 1024**3
 _PARAM_NAMES = {f.name for f in fields(GenerationParams)}
@@ -134,37 +137,84 @@ class FlashMoE:
         """Token ids of a prompt (string, token ids, or chat messages)."""
         return encode_prompt(self.tokenizer, prompt, tools=tools, enable_thinking=enable_thinking)
 
-    def stream(self, prompt: Prompt, **kwargs) -> Iterator[Chunk | GenerationResult]:
-        """Yield ``Chunk``s of text as they are generated, then one ``GenerationResult``.
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        tools: Sequence[Any] | None = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
+        response_format: Any = None,
+        **kwargs,
+    ) -> Iterator[Chunk | GenerationResult]:
+        """Yield ``Chunk``s of content (and reasoning) as they are generated, then one
+        ``GenerationResult``.
 
-        Keyword arguments are those of ``GenerationParams`` (max_tokens, temperature, top_p,
-        top_k, min_p, repetition_penalty, seed, stop, logits_processors, enable_thinking).
+        Args:
+            prompt: a string, token ids, or chat messages (rendered by the chat template).
+            tools: OpenAI-style function specs, rendered into the prompt in the model's own
+                tool-call format.
+            tool_choice: "auto" (default with tools; calls parsed when the model makes them),
+                "none", "required", or a tool name / ``{"type": "function", "function":
+                {"name": ...}}``; required and named calls are forced by a grammar.
+            parallel_tool_calls: allow more than one call.
+            response_format: constrain the output: a Pydantic model, a JSON schema,
+                ``{"type": "json_object"}``, a regex, a list of choices (see ``structured``);
+                the result's ``parsed`` holds the object.
+            **kwargs: ``GenerationParams`` (max_tokens, temperature, top_p, top_k, min_p,
+                repetition_penalty, seed, stop, logits_processors, enable_thinking). Constrained
+                output turns thinking off unless ``enable_thinking=True`` is passed.
+
+        Bad tools, tool choices and schemas raise ``ValueError`` before anything is generated.
         """
         params = _params(kwargs)
-        prompt_ids = self.encode(prompt, enable_thinking=params.enable_thinking)
+        specs = normalize_tools(tools)
+        choice, _ = normalize_tool_choice(tool_choice, specs)
+        if params.enable_thinking is None and (response_format is not None
+                                               or choice in ("required", "named")):
+            params.enable_thinking = False
+        rendered = [s.to_openai() for s in specs] if specs and choice != "none" else None
+        prompt_ids = self.encode(prompt, rendered, params.enable_thinking)
+        in_think = prompt_in_think(self.tokenizer, prompt_ids)
+        plan = OutputPlan.build(self.tokenizer, tools=specs, tool_choice=tool_choice,
+                                parallel_tool_calls=parallel_tool_calls,
+                                response_format=response_format, in_think=in_think)
         is_chat = not isinstance(prompt, str) and isinstance(prompt[0], dict)
-        boundaries = message_boundaries(self.tokenizer, prompt, prompt_ids) if is_chat else []
+        boundaries = (message_boundaries(self.tokenizer, prompt, prompt_ids, rendered)
+                      if is_chat else [])
         with self.lock:
             before = self._counters()
             tic = time.perf_counter()
             cache, reused = self._prefill(prompt_ids, boundaries)
             prefill_seconds = time.perf_counter() - tic
             tokens = TokenStream(self.model, self.tokenizer, prompt_ids[-1:], params,
-                                 self.prefill_step_size, prompt_cache=cache)
-            yield from tokens
+                                 self.prefill_step_size, prompt_cache=cache,
+                                 context_ids=prompt_ids[:-1],
+                                 extra_processors=plan.processors(self.tokenizer, in_think))
+            markup = MarkupFilter(in_think)
+            for chunk in tokens:
+                for kind, text in markup.feed(chunk.text):
+                    yield Chunk(text, chunk.token_ids, kind)
+            for kind, text in markup.feed("", final=True):
+                yield Chunk(text, [], kind)
             stats = finish_stats(self._stats_since(before), tokens)
             stats.prompt_tokens = len(prompt_ids)
             stats.prompt_cached_tokens = reused
             stats.prompt_seconds += prefill_seconds
             stats.compute_seconds += prefill_seconds
             self.stats.add(stats)
+            done = plan.finish(tokens.text, tokens.finish_reason, in_think)
             yield GenerationResult(
-                text=tokens.text,
+                text=done.content,
                 raw_text=tokens.text,
                 token_ids=tokens.token_ids,
                 prompt_token_ids=prompt_ids,
-                finish_reason=tokens.finish_reason,
+                finish_reason=done.finish_reason,
                 stats=stats,
+                reasoning=done.reasoning,
+                tool_calls=done.tool_calls,
+                invalid_tool_calls=done.invalid_tool_calls,
+                parsed=done.parsed,
             )
 
     def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:

@@ -55,10 +55,12 @@ class GenerationParams:
 
 @dataclass
 class Chunk:
-    """A piece of streamed text and the token ids that produced it."""
+    """A piece of streamed text and the token ids that produced it. ``kind`` is "content" or
+    "reasoning" (text inside ``<think>``); tool-call markup is never streamed."""
 
     text: str
     token_ids: list[int]
+    kind: Literal["content", "reasoning"] = "content"
 
 
 @dataclass
@@ -136,6 +138,7 @@ class TokenStream:
     params: GenerationParams
     prefill_step_size: int = 2048
     prompt_cache: list | None = None  # the model's caches, already holding the earlier prompt
+    context_ids: Sequence[int] = ()  # prompt tokens already in prompt_cache (processors see them)
     extra_processors: Sequence[LogitsProcessor] = ()
     finish_reason: FinishReason = "length"
     token_ids: list[int] = field(default_factory=list)
@@ -150,6 +153,8 @@ class TokenStream:
         sampler = make_sampler(p.temperature, p.top_p, p.min_p, top_k=p.top_k)
         processors = make_logits_processors(repetition_penalty=p.repetition_penalty)
         processors += list(p.logits_processors) + list(self.extra_processors)
+        if self.context_ids:
+            processors = [_WithContext(f, self.context_ids) for f in processors]
         stops = list(p.stop)
         emitted = 0  # characters of self.text already yielded
         pending: list[int] = []
@@ -193,6 +198,18 @@ class TokenStream:
     @property
     def _eos(self) -> set[int]:
         return set(self.tokenizer.eos_token_ids)
+
+
+class _WithContext:
+    """Gives a logits processor the whole prompt, also the part a prompt cache already holds
+    (mlx-lm only passes the tokens it was asked to process)."""
+
+    def __init__(self, processor: LogitsProcessor, context: Sequence[int]):
+        self.processor = processor
+        self.context = mx.array(list(context), dtype=mx.uint32)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        return self.processor(mx.concatenate([self.context, tokens.astype(mx.uint32)]), logits)
 
 
 def finish_stats(stats: Stats, stream: TokenStream) -> Stats:

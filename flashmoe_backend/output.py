@@ -1,0 +1,168 @@
+"""What a generation must produce, and turning its raw text into content, reasoning, tool calls
+and a parsed object.
+
+``OutputPlan`` is decided before generation (so bad tools, tool choices and schemas fail early):
+free text, a structured ``response_format``, forced tool calls (``required`` / a named tool) or
+``auto`` tool calls. It supplies the logits processors of one generation and, afterwards,
+splits the raw text. ``MarkupFilter`` does the same split incrementally for streaming, so no
+``<think>`` or ``<tool_call>`` markup ever reaches streamed content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .structured import Constraint, IncompleteOutputError, StructuredOutputError
+from .tool_calls import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    AutoToolProcessor,
+    InvalidToolCall,
+    ToolCall,
+    ToolSpec,
+    bare_text_regex,
+    detect_tool_format,
+    normalize_tool_choice,
+    normalize_tools,
+    parse_tool_calls,
+    split_reasoning,
+    tool_call_constraint,
+)
+
+Mode = Literal["text", "structured", "forced_tools", "auto_tools"]
+
+
+@dataclass
+class Finished:
+    """The parts of a finished generation's text."""
+
+    content: str
+    reasoning: str | None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
+    parsed: Any = None
+    finish_reason: str = "stop"
+
+
+@dataclass
+class OutputPlan:
+    """How one generation is constrained and how its text is read back."""
+
+    mode: Mode
+    tools: list[ToolSpec]
+    tool_format: str
+    constraint: Constraint | None = None  # what the text (after any reasoning) must match
+    parallel: bool = True
+    render_tools: bool = True
+    _auto: AutoToolProcessor | None = None
+
+    @classmethod
+    def build(cls, tokenizer, *, tools: Sequence[Any] | None, tool_choice: Any,
+              parallel_tool_calls: bool, response_format: Any, in_think: bool) -> OutputPlan:
+        """Validate everything and compile the grammars (raises ``ValueError`` on bad input)."""
+        specs = normalize_tools(tools)
+        choice, _ = normalize_tool_choice(tool_choice, specs)
+        fmt = detect_tool_format(tokenizer.chat_template)
+        if choice in ("required", "named"):
+            if response_format is not None:
+                raise ValueError("response_format cannot be combined with a forced tool_choice")
+            constraint = tool_call_constraint(specs, tool_choice, fmt, tokenizer,
+                                              parallel=parallel_tool_calls,
+                                              reasoning_prefix=in_think)
+            return cls("forced_tools", specs, fmt, constraint, parallel_tool_calls)
+        if response_format is not None:
+            constraint = Constraint.from_response_format(response_format, tokenizer)
+            if in_think:  # let the model finish thinking, then hold it to the format
+                reasoning = bare_text_regex((THINK_CLOSE,)) + r"</think>\n{0,2}"
+                constraint = Constraint(reasoning + constraint.regex, tokenizer,
+                                        kind=constraint.kind, schema=constraint.schema,
+                                        parser=constraint.parse,
+                                        description=constraint.description)
+            return cls("structured", specs, fmt, constraint, render_tools=choice != "none")
+        if choice == "auto":
+            return cls("auto_tools", specs, fmt, parallel=parallel_tool_calls)
+        return cls("text", specs, fmt, render_tools=False)
+
+    def processors(self, tokenizer, in_think: bool) -> list:
+        """Fresh logits processors for one generation."""
+        if self.constraint is not None:
+            return [self.constraint.logits_processor()]
+        if self.mode == "auto_tools":
+            self._auto = AutoToolProcessor(tokenizer, self.tools, self.tool_format,
+                                           parallel=self.parallel, in_think=in_think)
+            return [self._auto]
+        return []
+
+    def finish(self, raw: str, finish_reason: str, in_think: bool) -> Finished:
+        """Split ``raw`` into content, reasoning, tool calls, parsed object; set finish reason."""
+        reasoning, rest = split_reasoning(raw, in_think=in_think)
+        reasoning = reasoning or None
+        if self.mode in ("structured", "forced_tools"):
+            try:
+                parsed = self.constraint.parse(raw if self.mode == "forced_tools" else rest)
+            except IncompleteOutputError:
+                return Finished(rest if self.mode == "structured" else "", reasoning,
+                                finish_reason="incomplete")
+            if self.mode == "structured":
+                return Finished(rest, reasoning, parsed=parsed, finish_reason=finish_reason)
+            return Finished("", reasoning, tool_calls=parsed, finish_reason="tool_calls")
+        content, calls, invalid = parse_tool_calls(rest, self.tool_format, self.tools)
+        if self.mode == "text":  # tool_choice "none": markup removed, no calls returned
+            return Finished(content, reasoning, finish_reason=finish_reason)
+        if self._auto is not None and self._auto.triggered and not self._auto.is_complete:
+            finish_reason = "incomplete"
+        elif calls and not invalid:
+            finish_reason = "tool_calls"
+        return Finished(content, reasoning, calls, invalid, finish_reason=finish_reason)
+
+
+class MarkupFilter:
+    """Routes streamed text: reasoning inside ``<think>``, nothing inside ``<tool_call>``,
+    content elsewhere. Text that might be the start of a tag is held back until it is not."""
+
+    _TAGS = (THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+
+    def __init__(self, in_think: bool):
+        self.state = "reasoning" if in_think else "content"
+        self._pending = ""
+
+    def feed(self, text: str, final: bool = False) -> list[tuple[str, str]]:
+        """Returns ``(kind, text)`` pieces, kind ``"content"`` or ``"reasoning"``."""
+        self._pending += text
+        out: list[tuple[str, str]] = []
+        while self._pending:
+            i = self._pending.find("<")
+            if i < 0:
+                self._emit(out, self._pending)
+                self._pending = ""
+                break
+            self._emit(out, self._pending[:i])
+            self._pending = self._pending[i:]
+            tag = next((t for t in self._TAGS if self._pending.startswith(t)), None)
+            if tag is None:
+                if not final and any(t.startswith(self._pending) for t in self._TAGS):
+                    break  # maybe a tag still arriving
+                self._emit(out, "<")
+                self._pending = self._pending[1:]
+                continue
+            self._pending = self._pending[len(tag):]
+            self.state = {THINK_OPEN: "reasoning", THINK_CLOSE: "content",
+                          TOOL_CALL_OPEN: "tool_call", TOOL_CALL_CLOSE: "content"}[tag]
+        return out
+
+    def _emit(self, out: list, text: str) -> None:
+        if text and self.state != "tool_call":
+            out.append((self.state, text))
+
+
+def prompt_in_think(tokenizer, prompt_ids: Sequence[int]) -> bool:
+    """Whether the prompt ends inside an open ``<think>`` block (thinking enabled)."""
+    tail = tokenizer.decode(list(prompt_ids[-64:]))
+    return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
+
+
+__all__ = ["Finished", "MarkupFilter", "OutputPlan", "StructuredOutputError", "prompt_in_think"]

@@ -1,0 +1,451 @@
+"""Tool calls (flashmoe_backend.tool_calls): specs, forcing grammars, parsing, auto mode."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import jsonschema
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from flashmoe_backend.structured import Vocabulary
+from flashmoe_backend.tool_calls import (
+    XML_CLOSERS,
+    AutoToolProcessor,
+    ToolCall,
+    bare_text_regex,
+    detect_tool_format,
+    normalize_tool_choice,
+    normalize_tools,
+    parse_assistant_output,
+    parse_tool_calls,
+    split_reasoning,
+    tool_call_constraint,
+    tool_call_regex,
+)
+
+
+@pytest.fixture(autouse=True)
+def _index_cache_in_tmp(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fm-cache"))
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 16},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city"],
+        },
+    },
+}
+SEARCH = {  # the bare function dict is accepted too
+    "name": "search",
+    "description": "Search documents.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "query": {"type": "string", "maxLength": 20},
+            "top_k": {"type": "integer", "minimum": 1, "maximum": 20},
+            "filters": {"type": "array", "items": {"enum": ["news", "docs", "code"]},
+                        "maxItems": 2},
+            "exact": {"type": "boolean"},
+            "lang": {"type": ["string", "null"], "enum": ["en", "fr", None]},
+        },
+        "required": ["query", "top_k", "filters"],
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "a": {"type": "number", "minimum": -100, "maximum": 100},
+                "b": {"type": "number", "minimum": -100, "maximum": 100},
+            },
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = [WEATHER, SEARCH, ADD]
+SCHEMAS = {t["function"]["name"] if "function" in t else t["name"]:
+           (t["function"] if "function" in t else t)["parameters"] for t in TOOLS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats, specs, tool_choice
+# ---------------------------------------------------------------------------------------------
+
+
+def test_detect_tool_format():
+    from flashmoe_backend.tiny import chat_template
+
+    assert detect_tool_format(chat_template("xml")) == "xml"
+    assert detect_tool_format(chat_template("hermes")) == "hermes"
+    assert detect_tool_format(None) == "hermes"
+
+
+@pytest.mark.parametrize(
+    "tools,needle",
+    [
+        ([{"type": "function", "function": {"name": "f", "description": "no params"}}],
+         "no 'parameters'"),
+        ([{"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "strng"}}}}],
+         "malformed"),
+        ([{"name": "f", "parameters": {"type": "object", "properties": {}, "required": ["x"]}}],
+         "'x'"),
+        ([{"name": "f", "parameters": {"type": "array"}}], "type 'object'"),
+        ([{"name": "bad name", "parameters": {"type": "object"}}], "names may only"),
+        ([{"name": "f", "parameters": {"type": "object"}}] * 2, "duplicate"),
+        ([{"type": "retrieval"}], "only 'function'"),
+        (["not a dict"], "expected an OpenAI-style"),
+        ([{"name": "f", "parameters": {"type": "object", "properties": {
+            "n": {"type": "integer", "minimum": 3, "maximum": 1}}}}], "minimum"),
+    ],
+)
+def test_bad_tool_specs_raise(tools, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        normalize_tools(tools)
+    with pytest.raises(ValueError):
+        tool_call_regex(tools, "required", "xml")
+
+
+def test_tool_choice():
+    specs = normalize_tools(TOOLS)
+    assert normalize_tool_choice(None, specs) == ("auto", None)
+    assert normalize_tool_choice(None, []) == ("none", None)
+    assert normalize_tool_choice("required", specs) == ("required", None)
+    assert normalize_tool_choice("any", specs) == ("required", None)
+    assert normalize_tool_choice("search", specs) == ("named", "search")
+    assert normalize_tool_choice(
+        {"type": "function", "function": {"name": "add"}}, specs) == ("named", "add")
+    assert normalize_tool_choice({"type": "tool", "name": "add"}, specs) == ("named", "add")
+    with pytest.raises(ValueError, match="unknown tool 'nope'"):
+        normalize_tool_choice({"type": "function", "function": {"name": "nope"}}, specs)
+    with pytest.raises(ValueError, match="unknown tool"):
+        tool_call_regex(TOOLS, "nope", "hermes")
+    with pytest.raises(ValueError):
+        normalize_tool_choice("required", [])
+    with pytest.raises(ValueError):
+        tool_call_regex(TOOLS, "none", "xml")
+
+
+def test_bare_text_regex_is_exact_complement():
+    pat = re.compile(bare_text_regex(), re.DOTALL)
+    rng = random.Random(0)
+    alphabet = list("</parmetfuncioltl_>x\n")
+    pieces = ["</parameter>", "</function>", "</tool_call>", "</param", "</tool_cal",
+              "<</function", "</p<", "</div>"]
+    for _ in range(5000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))
+        if rng.random() < 0.4:
+            k = rng.randint(0, len(s))
+            s = s[:k] + rng.choice(pieces) + s[k:]
+        ok = not any(w in s for w in XML_CLOSERS)
+        assert bool(pat.fullmatch(s)) == ok, s
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing recorded model text
+# ---------------------------------------------------------------------------------------------
+
+XML_TEXT = (
+    "I'll check both.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+    "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n"
+    "<function=search>\n<parameter=query>\nfoo </div> bar\n</parameter>\n<parameter=top_k>\n5\n"
+    "</parameter>\n<parameter=filters>\n[\"news\"]\n</parameter>\n<parameter=exact>\nTrue\n"
+    "</parameter>\n<parameter=lang>\nnull\n</parameter>\n</function>\n</tool_call>"
+)
+HERMES_TEXT = (
+    "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"O </tool_call>\", "
+    "\"unit\": \"celsius\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"add\", \"arguments\": "
+    "\"{\\\"a\\\": 1.5, \\\"b\\\": -2}\"}\n</tool_call>"
+)
+
+
+def test_parse_xml_parallel_with_type_conversion():
+    content, calls, invalid = parse_tool_calls(XML_TEXT, "xml", TOOLS)
+    assert content == "I'll check both."
+    assert not invalid
+    assert [c.name for c in calls] == ["get_weather", "search"]
+    assert calls[0].arguments == {"city": "Paris", "days": 3}
+    assert calls[1].arguments == {"query": "foo </div> bar", "top_k": 5, "filters": ["news"],
+                                  "exact": True, "lang": None}
+    assert all(re.fullmatch(r"call_[0-9a-f]{24}", c.id) for c in calls)
+    assert len({c.id for c in calls}) == 2
+    # Without tools the XML values stay strings.
+    _, raw_calls, _ = parse_tool_calls(XML_TEXT)
+    assert raw_calls[0].arguments == {"city": "Paris", "days": "3"}
+    oa = calls[0].to_openai()
+    assert oa["type"] == "function" and json.loads(oa["function"]["arguments"])["days"] == 3
+
+
+def test_parse_hermes_parallel():
+    content, calls, invalid = parse_tool_calls(HERMES_TEXT, "hermes", TOOLS)
+    assert content == "" and not invalid
+    assert calls[0].arguments == {"city": "O </tool_call>", "unit": "celsius"}
+    assert calls[1].name == "add" and calls[1].arguments == {"a": 1.5, "b": -2}
+    # The format is only a hint: both are read either way.
+    assert [c.name for c in parse_tool_calls(HERMES_TEXT, "xml")[1]] == ["get_weather", "add"]
+    assert [c.name for c in parse_tool_calls(XML_TEXT, "hermes")[1]] == ["get_weather", "search"]
+
+
+def test_parse_leaves_ordinary_text_alone():
+    text = "Plain answer with <b>markup</b>, a JSON {\"name\": \"x\"} and a < sign."
+    assert parse_tool_calls(text, "xml", TOOLS) == (text, [], [])
+    assert parse_tool_calls("  hi  ", "hermes") == ("hi", [], [])
+
+
+def test_parse_invalid_calls():
+    text = (
+        "A<tool_call>\n{\"name\": \"nope\", \"arguments\": {}}\n</tool_call>"
+        "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1000, \"b\": 1}}\n</tool_call>"
+        "<tool_call>\n{not json}\n</tool_call>"
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nLima"
+    )
+    content, calls, invalid = parse_tool_calls(text, "hermes", TOOLS)
+    assert content == "A" and "<tool_call>" not in content
+    assert calls == []
+    errors = [i.error for i in invalid]
+    assert "unknown tool 'nope'" in errors[0]
+    assert "maximum" in errors[1] or "1000" in errors[1]
+    assert "not valid JSON" in errors[2]
+    # The unterminated last call lacks its city: invalid, and said to be unterminated.
+    assert len(invalid) == 4 and invalid[3].error.startswith("unterminated")
+    _, calls2, _ = parse_tool_calls("<tool_call>\n<function=get_weather>\n<parameter=city>\n"
+                                    "Lima\n</parameter>\n", "xml", TOOLS)
+    assert calls2[0].arguments == {"city": "Lima"}
+
+
+def test_split_reasoning():
+    assert split_reasoning("<think>\nhmm\n</think>\n\nAnswer") == ("hmm", "Answer")
+    # Opening <think> was in the prompt.
+    assert split_reasoning("hmm, let me see\n</think>\n\nAnswer") == ("hmm, let me see", "Answer")
+    assert split_reasoning("still thinking", in_think=True) == ("still thinking", "")
+    assert split_reasoning("unclosed <think> thoughts") == ("thoughts", "unclosed")
+    assert split_reasoning("plain") == ("", "plain")
+    out = parse_assistant_output("plan\n</think>\n\nOk.\n\n" + XML_TEXT.split("\n\n", 1)[1],
+                                 "xml", TOOLS)
+    assert out.reasoning == "plan" and out.content == "Ok." and len(out.tool_calls) == 2
+    assert "<think>" not in out.content and "</think>" not in out.content
+
+
+@pytest.mark.parametrize("fmt", ["xml", "hermes"])
+def test_chat_template_round_trip(fmt, tiny_tokenizer_dir):
+    """What the fixtures' chat template renders for a tool-calling turn parses back."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir(fmt))
+    calls = [
+        {"type": "function", "function": {"name": "get_weather",
+                                          "arguments": {"city": "Paris", "days": 2}}},
+        {"type": "function", "function": {"name": "search", "arguments": {
+            "query": "a b", "top_k": 3, "filters": ["docs", "code"], "exact": False}}},
+    ]
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Sure.", "tool_calls": calls}]
+    rendered = tok.apply_chat_template(msgs, tools=TOOLS, tokenize=False)
+    turn = rendered.rsplit("<|im_start|>assistant\n", 1)[1].split("<|im_end|>")[0]
+    content, parsed, invalid = parse_tool_calls(turn, fmt, TOOLS)
+    assert content == "Sure." and not invalid
+    assert [(c.name, c.arguments) for c in parsed] == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    # The rendered calls are in the forcing grammar's language.
+    regex = tool_call_regex(TOOLS, "required", fmt, leading_whitespace=False)
+    assert re.fullmatch(regex, turn.split("\n\n", 1)[1], re.DOTALL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forced tool calls on the tiny models
+# ---------------------------------------------------------------------------------------------
+
+_LOADED: dict = {}
+
+
+def _model(tiny_quantized_dir, fmt):
+    import mlx_lm
+
+    arch = "qwen3_5_moe" if fmt == "xml" else "qwen3_next"
+    if arch not in _LOADED:
+        _LOADED[arch] = mlx_lm.load(str(tiny_quantized_dir(arch, bits=4)))
+    return _LOADED[arch]
+
+
+def _prompt(tok, tools=False, **kw):
+    """The chat prompt; with ``tools=True`` the tool list is rendered in it (~1000 tokens,
+    about a second of CPU prefill on the tiny model, so only some tests do)."""
+    return tok.apply_chat_template([{"role": "user", "content": "What is the weather?"}],
+                                   tools=TOOLS if tools else None, add_generation_prompt=True,
+                                   tokenize=False, **kw)
+
+
+def _run(model, tok, prompt, processors, *, seed=0, max_tokens=300, temp=1.0):
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    mx.random.seed(seed)
+    text, finish = "", None
+    for r in stream_generate(model, tok, prompt, max_tokens=max_tokens,
+                             logits_processors=processors, sampler=make_sampler(temp=temp)):
+        text += r.text
+        finish = r.finish_reason
+    return text, finish
+
+
+@pytest.mark.parametrize("fmt", ["xml", "hermes"])
+@pytest.mark.parametrize("choice", ["required", "get_weather", "search", "add"])
+def test_forced_tool_calls_validate(fmt, choice, tiny_quantized_dir):
+    model, tok = _model(tiny_quantized_dir, fmt)
+    assert detect_tool_format(tok.chat_template) == fmt
+    constraint = tool_call_constraint(TOOLS, choice, fmt, tok, parallel=False)
+    prompt = _prompt(tok, tools=choice == "required", enable_thinking=False)
+    for seed in range(2):
+        proc = constraint.logits_processor()
+        text, finish = _run(model, tok, prompt, [proc], seed=seed)
+        assert finish == "stop" and proc.is_complete, text
+        calls = constraint.parse(text)
+        content, calls2, invalid = parse_tool_calls(text, fmt, TOOLS)
+        assert content == "" and not invalid and len(calls) == len(calls2) == 1, text
+        call = calls[0]
+        if choice != "required":
+            assert call.name == choice
+        jsonschema.validate(call.arguments, SCHEMAS[call.name])
+
+
+@pytest.mark.parametrize("fmt", ["xml", "hermes"])
+def test_forced_parallel_tool_calls(fmt, tiny_quantized_dir):
+    model, tok = _model(tiny_quantized_dir, fmt)
+    constraint = tool_call_constraint(TOOLS, "add", fmt, tok, parallel=True)
+    prompt = _prompt(tok, enable_thinking=False)
+    counts = []
+    for seed in range(3):
+        proc = constraint.logits_processor()
+        text, finish = _run(model, tok, prompt, [proc], seed=seed, max_tokens=250)
+        if finish == "length":  # many calls: reported as incomplete, never as valid
+            assert not proc.is_complete
+            continue
+        assert proc.is_complete
+        calls = constraint.parse(text)
+        for c in calls:
+            jsonschema.validate(c.arguments, SCHEMAS["add"])
+        counts.append(len(calls))
+    assert counts, "every run hit max_tokens"
+    # The grammar allows a second call after the first (checked on the index itself).
+    one = ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+           if fmt == "hermes" else
+           "<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\n2\n"
+           "</parameter>\n</function>\n</tool_call>")
+    assert constraint.status(one) == "complete"
+    assert constraint.status(one + "\n" + one) == "complete"
+    assert constraint.status(one + "\n" + one[:20]) == "incomplete"
+
+
+def test_forced_with_reasoning_prefix(tiny_quantized_dir):
+    model, tok = _model(tiny_quantized_dir, "xml")
+    c = tool_call_constraint(TOOLS, "get_weather", "xml", tok, parallel=False,
+                             reasoning_prefix=True)
+    call = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nLima\n</parameter>\n"
+            "</function>\n</tool_call>")
+    assert c.status("let me think\n</think>\n\n" + call) == "complete"
+    assert c.status(call) == "complete"
+    assert c.status("thinking <tool_call> here\n</think>\n\n" + call) == "complete"
+
+
+# ---------------------------------------------------------------------------------------------
+# Auto mode
+# ---------------------------------------------------------------------------------------------
+
+
+class Force:
+    """Test helper: forces a token sequence at the first decode steps, then lets go."""
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+        self.n0 = None
+
+    def __call__(self, tokens, logits):
+        if self.n0 is None:
+            self.n0 = tokens.shape[0]
+        k = tokens.shape[0] - self.n0
+        if k >= len(self.ids):
+            return logits
+        mask = np.full(logits.shape[-1], -np.inf, dtype=np.float32)
+        mask[self.ids[k]] = 0
+        return logits + mx.array(mask)
+
+
+def test_auto_processor_passes_free_text_through(tiny_quantized_dir):
+    model, tok = _model(tiny_quantized_dir, "xml")
+    proc = AutoToolProcessor(tok, TOOLS, "xml")
+    prompt = mx.array(tok.encode(_prompt(tok, enable_thinking=False)))
+    logits = mx.random.normal((1, 512))
+    assert proc(prompt, logits) is logits
+    ids = tok.encode("Hello there, no tools needed. <b>x</b>", add_special_tokens=False)
+    for i in range(1, len(ids) + 1):
+        seq = mx.concatenate([prompt, mx.array(ids[:i])])
+        assert proc(seq, logits) is logits
+    assert not proc.triggered and proc.is_complete
+
+
+@pytest.mark.parametrize("fmt", ["xml", "hermes"])
+@pytest.mark.parametrize("split", [False, True])
+def test_auto_mode_switches_to_grammar(fmt, split, tiny_quantized_dir):
+    model, tok = _model(tiny_quantized_dir, fmt)
+    vocab = Vocabulary.from_tokenizer(tok)
+    lead = tok.encode("Let me check.\n\n", add_special_tokens=False)
+    if split:  # "<tool_call>" spelled with single-byte tokens
+        opener = [vocab.byte_token_ids[b] for b in b"<tool_call>"]
+    else:
+        opener = [tok._tokenizer.convert_tokens_to_ids("<tool_call>")]
+        assert len(opener) == 1 and vocab.token_bytes[opener[0]] == b"<tool_call>"
+    prompt = _prompt(tok, enable_thinking=False)
+    for seed in range(2):
+        auto = AutoToolProcessor(tok, TOOLS, fmt, parallel=False)
+        text, finish = _run(model, tok, prompt, [Force(lead + opener), auto], seed=seed)
+        assert auto.triggered and not auto.failed, text
+        assert finish == "stop" and auto.is_complete, text
+        content, calls, invalid = parse_tool_calls(text, fmt, TOOLS)
+        assert content == "Let me check." and not invalid and len(calls) == 1, text
+        jsonschema.validate(calls[0].arguments, SCHEMAS[calls[0].name])
+
+
+def test_auto_mode_ignores_tool_call_inside_think(tiny_quantized_dir):
+    model, tok = _model(tiny_quantized_dir, "xml")
+    prompt = _prompt(tok)  # thinking on: the prompt ends inside <think>
+    assert prompt.endswith("<think>\n")
+    tc = tok._tokenizer.convert_tokens_to_ids("<tool_call>")
+    think_end = tok._tokenizer.convert_tokens_to_ids("</think>")
+    words = tok.encode("maybe ", add_special_tokens=False)
+    auto = AutoToolProcessor(tok, TOOLS, "xml", parallel=False)
+    forced = words + [tc] + words + [think_end] + tok.encode("\n\n", add_special_tokens=False)
+    text, finish = _run(model, tok, prompt, [Force(forced + [tc]), auto], seed=1)
+    assert auto.triggered and finish == "stop" and auto.is_complete, text
+    out = parse_assistant_output(text, "xml", TOOLS, in_think=True)
+    assert out.reasoning.startswith("maybe") and "<tool_call>" in out.reasoning
+    assert len(out.tool_calls) == 1 and not out.invalid_tool_calls
+    assert out.content == ""
+    # Before </think> the processor had not switched.
+    auto2 = AutoToolProcessor(tok, TOOLS, "xml")
+    p = mx.array(tok.encode(prompt))
+    logits = mx.zeros((1, 512))
+    auto2(p, logits)
+    seq = mx.concatenate([p, mx.array(words + [tc])])
+    assert auto2(seq, logits) is logits and not auto2.triggered
+
+
+def test_tool_call_dataclass():
+    c = ToolCall("f", {"x": 1})
+    assert c.id.startswith("call_") and ToolCall("f", {}).id != c.id
