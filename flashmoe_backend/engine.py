@@ -165,7 +165,8 @@ class FlashMoE:
                 repetition_penalty, seed, stop, logits_processors, enable_thinking). Constrained
                 output turns thinking off unless ``enable_thinking=True`` is passed.
 
-        Bad tools, tool choices and schemas raise ``ValueError`` before anything is generated.
+        Bad tools, tool choices and schemas raise ``ValueError`` here, at the call, before
+        anything is generated.
         """
         params = _params(kwargs)
         specs = normalize_tools(tools)
@@ -182,6 +183,10 @@ class FlashMoE:
         is_chat = not isinstance(prompt, str) and isinstance(prompt[0], dict)
         boundaries = (message_boundaries(self.tokenizer, prompt, prompt_ids, rendered)
                       if is_chat else [])
+        return self._run(prompt_ids, boundaries, params, plan, in_think)
+
+    def _run(self, prompt_ids: list[int], boundaries: list[int], params: GenerationParams,
+             plan: OutputPlan, in_think: bool) -> Iterator[Chunk | GenerationResult]:
         with self.lock:
             before = self._counters()
             tic = time.perf_counter()
@@ -191,7 +196,7 @@ class FlashMoE:
                                  self.prefill_step_size, prompt_cache=cache,
                                  context_ids=prompt_ids[:-1],
                                  extra_processors=plan.processors(self.tokenizer, in_think))
-            markup = MarkupFilter(in_think)
+            markup = MarkupFilter(in_think, markup=plan.mode != "structured")
             for chunk in tokens:
                 for kind, text in markup.feed(chunk.text):
                     yield Chunk(text, chunk.token_ids, kind)
@@ -237,6 +242,16 @@ class FlashMoE:
                 self.prompt_cache.save(prompt_ids[:end], cache)
                 done = end
         return cache, reused
+
+    @property
+    def cache_gb(self) -> float:
+        """The expert cache's budget in GiB."""
+        return self.streamer.cache.budget_bytes / GB
+
+    @property
+    def context_window(self) -> int | None:
+        """The model's maximum positions (``max_position_embeddings``), if the config says."""
+        return self.config.get("text_config", self.config).get("max_position_embeddings")
 
     # -- statistics ------------------------------------------------------------------------
 

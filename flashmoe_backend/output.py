@@ -55,7 +55,8 @@ class OutputPlan:
     mode: Mode
     tools: list[ToolSpec]
     tool_format: str
-    constraint: Constraint | None = None  # what the text (after any reasoning) must match
+    constraint: Constraint | None = None  # what generation is held to (reasoning prefix included)
+    result_format: Constraint | None = None  # structured mode: what the text after reasoning is
     parallel: bool = True
     render_tools: bool = True
     _auto: AutoToolProcessor | None = None
@@ -75,14 +76,13 @@ class OutputPlan:
                                               reasoning_prefix=in_think)
             return cls("forced_tools", specs, fmt, constraint, parallel_tool_calls)
         if response_format is not None:
-            constraint = Constraint.from_response_format(response_format, tokenizer)
+            result_format = Constraint.from_response_format(response_format, tokenizer)
+            constraint = result_format
             if in_think:  # let the model finish thinking, then hold it to the format
-                reasoning = bare_text_regex((THINK_CLOSE,)) + r"</think>\n{0,2}"
-                constraint = Constraint(reasoning + constraint.regex, tokenizer,
-                                        kind=constraint.kind, schema=constraint.schema,
-                                        parser=constraint.parse,
-                                        description=constraint.description)
-            return cls("structured", specs, fmt, constraint, render_tools=choice != "none")
+                reasoning = bare_text_regex((THINK_CLOSE,)) + THINK_CLOSE
+                constraint = Constraint.from_regex(reasoning + result_format.regex, tokenizer)
+            return cls("structured", specs, fmt, constraint, result_format,
+                       render_tools=choice != "none")
         if choice == "auto":
             return cls("auto_tools", specs, fmt, parallel=parallel_tool_calls)
         return cls("text", specs, fmt, render_tools=False)
@@ -99,17 +99,25 @@ class OutputPlan:
 
     def finish(self, raw: str, finish_reason: str, in_think: bool) -> Finished:
         """Split ``raw`` into content, reasoning, tool calls, parsed object; set finish reason."""
+        if self.mode == "structured":
+            # The format's own text may contain markup-like strings: only a leading reasoning
+            # block (when the prompt opened one) is split off.
+            reasoning, rest = _leading_reasoning(raw) if in_think else (None, raw)
+            try:
+                parsed = self.result_format.parse(rest)
+            except IncompleteOutputError:
+                return Finished(rest, reasoning, finish_reason="incomplete")
+            return Finished(rest, reasoning, parsed=parsed, finish_reason=finish_reason)
         reasoning, rest = split_reasoning(raw, in_think=in_think)
         reasoning = reasoning or None
-        if self.mode in ("structured", "forced_tools"):
+        if self.mode == "forced_tools":
             try:
-                parsed = self.constraint.parse(raw if self.mode == "forced_tools" else rest)
+                calls = self.constraint.parse(raw)
             except IncompleteOutputError:
-                return Finished(rest if self.mode == "structured" else "", reasoning,
+                partial = InvalidToolCall(None, rest, "incomplete tool call: max_tokens reached")
+                return Finished("", reasoning, invalid_tool_calls=[partial],
                                 finish_reason="incomplete")
-            if self.mode == "structured":
-                return Finished(rest, reasoning, parsed=parsed, finish_reason=finish_reason)
-            return Finished("", reasoning, tool_calls=parsed, finish_reason="tool_calls")
+            return Finished("", reasoning, tool_calls=calls, finish_reason="tool_calls")
         content, calls, invalid = parse_tool_calls(rest, self.tool_format, self.tools)
         if self.mode == "text":  # tool_choice "none": markup removed, no calls returned
             return Finished(content, reasoning, finish_reason=finish_reason)
@@ -120,15 +128,30 @@ class OutputPlan:
         return Finished(content, reasoning, calls, invalid, finish_reason=finish_reason)
 
 
+def _leading_reasoning(raw: str) -> tuple[str | None, str]:
+    end = raw.find(THINK_CLOSE)
+    if end < 0:
+        return raw.strip() or None, ""
+    return raw[:end].strip() or None, raw[end + len(THINK_CLOSE) :]
+
+
 class MarkupFilter:
     """Routes streamed text: reasoning inside ``<think>``, nothing inside ``<tool_call>``,
-    content elsewhere. Text that might be the start of a tag is held back until it is not."""
+    content elsewhere. Text that might be the start of a tag is held back until it is not.
+    With ``markup=False`` (structured output) only the end of a leading reasoning block is
+    recognised; after it everything is content, tag-like strings included."""
 
-    _TAGS = (THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+    _ALL_TAGS = (THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
 
-    def __init__(self, in_think: bool):
+    def __init__(self, in_think: bool, markup: bool = True):
         self.state = "reasoning" if in_think else "content"
+        self._markup = markup
         self._pending = ""
+
+    def _tags(self) -> tuple[str, ...]:
+        if self._markup:
+            return self._ALL_TAGS
+        return (THINK_CLOSE,) if self.state == "reasoning" else ()
 
     def feed(self, text: str, final: bool = False) -> list[tuple[str, str]]:
         """Returns ``(kind, text)`` pieces, kind ``"content"`` or ``"reasoning"``."""
@@ -142,9 +165,10 @@ class MarkupFilter:
                 break
             self._emit(out, self._pending[:i])
             self._pending = self._pending[i:]
-            tag = next((t for t in self._TAGS if self._pending.startswith(t)), None)
+            tags = self._tags()
+            tag = next((t for t in tags if self._pending.startswith(t)), None)
             if tag is None:
-                if not final and any(t.startswith(self._pending) for t in self._TAGS):
+                if not final and any(t.startswith(self._pending) for t in tags):
                     break  # maybe a tag still arriving
                 self._emit(out, "<")
                 self._pending = self._pending[1:]
