@@ -1,0 +1,849 @@
+"""``FlashMoE``: a LlamaIndex ``FunctionCallingLLM`` over a local flashmoe engine.
+
+The engine (``flashmoe_backend.FlashMoE``) runs a Mixture-of-Experts model whose experts stream
+from disk. This module only translates: LlamaIndex messages and tools to the engine's OpenAI-style
+chat messages and tool specs, and the engine's results (content, reasoning, tool calls, parsed
+structured output, statistics) back to ``ChatResponse`` / ``CompletionResponse``.
+
+* Engines are shared: every ``FlashMoE`` with the same store path and load options uses one
+  engine (see :func:`load_engine`), and the engine serialises generations with its own lock, so
+  any number of LLM objects, threads and event loops can use it at once.
+* Async calls run the engine's iterator in a worker thread and hand its pieces to the event loop
+  through an ``asyncio.Queue``; the loop is never blocked, and abandoning an async stream stops
+  the generation at the next piece.
+* Tool calling, ``tool_required`` and structured output (``structured_predict``,
+  ``as_structured_llm``, ...) use the engine's constrained decoding, not prompt-and-parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import threading
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llama_index.core.base.llms.types import (
+    AudioBlock,
+    CachePoint,
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    DocumentBlock,
+    ImageBlock,
+    LLMMetadata,
+    MessageRole,
+    TextBlock,
+    ThinkingBlock,
+    ToolCallBlock,
+    VideoBlock,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW, DEFAULT_NUM_OUTPUTS, DEFAULT_TEMPERATURE
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.events.llm import (
+    LLMStructuredPredictEndEvent,
+    LLMStructuredPredictStartEvent,
+)
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
+from llama_index.core.prompts import BasePromptTemplate
+from llama_index.core.types import Model, PydanticProgramMode
+
+from flashmoe_backend import Chunk, GenerationResult
+from flashmoe_backend import FlashMoE as Engine
+
+if TYPE_CHECKING:
+    from llama_index.core.program.utils import FlexibleModel
+    from llama_index.core.tools.types import BaseTool
+
+dispatcher = get_dispatcher(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Shared engines
+# ---------------------------------------------------------------------------------------------
+
+_ENGINES: dict[tuple, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _engine_key(model: str | Path, cache_gb: float, experts_per_token: int | None,
+                load_kwargs: dict[str, Any]) -> tuple:
+    path = str(Path(model).expanduser().resolve())
+    return (path, float(cache_gb), experts_per_token, tuple(sorted(load_kwargs.items())))
+
+
+def load_engine(model: str | Path, cache_gb: float = 4.0, experts_per_token: int | None = None,
+                **load_kwargs: Any) -> Engine:
+    """The engine of a store, loaded once per (store path, load options) and shared.
+
+    ``load_kwargs`` are the other keyword arguments of ``flashmoe_backend.FlashMoE.load``
+    (``io_threads``, ``page_cache``, ``verify``, ``policy``, ``prefill_step_size``,
+    ``prompt_cache_entries``). Raises ``flashmoe_backend.StoreError`` (a ``ValueError``) when the
+    path is not a flashmoe store.
+    """
+    key = _engine_key(model, cache_gb, experts_per_token, load_kwargs)
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = Engine.load(Path(model).expanduser(), cache_gb=cache_gb,
+                                 experts_per_token=experts_per_token, **load_kwargs)
+            _ENGINES[key] = engine
+        return engine
+
+
+def release_engines() -> None:
+    """Close and forget every shared engine (after the generation in progress, if any). LLM
+    objects made before cannot generate any more; new ones load their engine again."""
+    with _ENGINES_LOCK:
+        engines = list(_ENGINES.values())
+        _ENGINES.clear()
+    for engine in engines:
+        with engine.lock:
+            engine.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# LlamaIndex -> engine
+# ---------------------------------------------------------------------------------------------
+
+_ROLES = {
+    MessageRole.SYSTEM: "system",
+    MessageRole.DEVELOPER: "system",
+    MessageRole.USER: "user",
+    MessageRole.ASSISTANT: "assistant",
+    MessageRole.CHATBOT: "assistant",
+    MessageRole.MODEL: "assistant",
+    MessageRole.TOOL: "tool",
+    MessageRole.FUNCTION: "tool",
+}
+_MEDIA_BLOCKS = (ImageBlock, AudioBlock, VideoBlock, DocumentBlock)
+
+
+def _arguments_dict(arguments: Any) -> Any:
+    """Tool-call arguments as a dict where they can be read as one (JSON text is parsed)."""
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return arguments
+        return parsed if isinstance(parsed, dict) else arguments
+    return dict(arguments) if arguments is not None else {}
+
+
+def _legacy_tool_call(call: Any) -> dict:
+    """An OpenAI-style tool call (dict or SDK object) from ``additional_kwargs['tool_calls']``."""
+    if not isinstance(call, dict):
+        call = call.model_dump() if hasattr(call, "model_dump") else dict(vars(call))
+    fn = call.get("function") or {}
+    return {
+        "id": call.get("id") or fn.get("name"),
+        "type": "function",
+        "function": {"name": fn.get("name"), "arguments": _arguments_dict(fn.get("arguments"))},
+    }
+
+
+def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict]:
+    """LlamaIndex chat messages as the engine's OpenAI-style message dicts.
+
+    Text blocks become ``content``, ``ThinkingBlock``s ``reasoning_content``, ``ToolCallBlock``s
+    (or legacy ``additional_kwargs['tool_calls']``) ``tool_calls``; tool results carry
+    ``tool_call_id`` and the tool's ``name`` (looked up from the call when not given). Images,
+    audio, video and documents raise ``ValueError``: the engine takes text only.
+    """
+    out: list[dict] = []
+    call_names: dict[str, str] = {}
+    for i, message in enumerate(messages):
+        role = _ROLES.get(message.role)
+        if role is None:  # pragma: no cover - every MessageRole is mapped
+            raise ValueError(f"message #{i}: unsupported role {message.role!r}")
+        texts: list[str] = []
+        thinking: list[str] = []
+        calls: list[dict] = []
+        for block in message.blocks:
+            if isinstance(block, TextBlock):
+                texts.append(block.text)
+            elif isinstance(block, ThinkingBlock):
+                if block.content:
+                    thinking.append(block.content)
+            elif isinstance(block, ToolCallBlock):
+                calls.append({
+                    "id": block.tool_call_id or block.tool_name,
+                    "type": "function",
+                    "function": {"name": block.tool_name,
+                                 "arguments": _arguments_dict(block.tool_kwargs)},
+                })
+            elif isinstance(block, _MEDIA_BLOCKS):
+                raise ValueError(
+                    f"message #{i} holds a {type(block).__name__}: FlashMoE models take text "
+                    "only"
+                )
+            elif isinstance(block, CachePoint):
+                continue
+        if not calls and message.additional_kwargs.get("tool_calls"):
+            calls = [_legacy_tool_call(c) for c in message.additional_kwargs["tool_calls"]]
+        entry: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
+        if role == "assistant":
+            if thinking:
+                entry["reasoning_content"] = "\n".join(thinking)
+            if calls:
+                entry["tool_calls"] = calls
+                call_names.update((c["id"], c["function"]["name"]) for c in calls)
+        elif role == "tool":
+            call_id = message.additional_kwargs.get("tool_call_id")
+            if call_id is not None:
+                entry["tool_call_id"] = call_id
+            name = message.additional_kwargs.get("name") or call_names.get(call_id)
+            if name:
+                entry["name"] = name
+        out.append(entry)
+    return out
+
+
+def to_engine_tool(tool: Any) -> dict:
+    """A LlamaIndex tool (anything with ``.metadata.to_openai_tool()``) as an OpenAI-style tool
+    dict; dicts and Pydantic model classes pass through for the engine to validate."""
+    metadata = getattr(tool, "metadata", None)
+    if metadata is not None and hasattr(metadata, "to_openai_tool"):
+        return metadata.to_openai_tool(skip_length_check=True)
+    return tool
+
+
+# ---------------------------------------------------------------------------------------------
+# engine -> LlamaIndex
+# ---------------------------------------------------------------------------------------------
+
+
+def _usage(result: GenerationResult) -> dict[str, int]:
+    prompt = result.stats.prompt_tokens or len(result.prompt_token_ids)
+    completion = result.stats.generated_tokens or len(result.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _raw(result: GenerationResult, model: str) -> dict[str, Any]:
+    """What the engine said besides the message: usage (for ``TokenCountingHandler``), finish
+    reason, the engine's statistics of this generation, and the parsed structured output."""
+    return {
+        "model": model,
+        "finish_reason": result.finish_reason,
+        "usage": _usage(result),
+        "stats": result.stats.to_dict(),
+        "parsed": result.parsed,
+        "raw_text": result.raw_text,
+    }
+
+
+def _tool_call_blocks(result: GenerationResult) -> list[ToolCallBlock]:
+    return [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=dict(c.arguments))
+            for c in result.tool_calls]
+
+
+def _invalid_tool_calls(result: GenerationResult) -> list[dict]:
+    return [{"id": c.id, "name": c.name, "arguments": c.arguments, "error": c.error}
+            for c in result.invalid_tool_calls]
+
+
+def _message(result: GenerationResult) -> ChatMessage:
+    blocks: list[Any] = []
+    if result.reasoning:
+        blocks.append(ThinkingBlock(content=result.reasoning))
+    if result.text or not (result.reasoning or result.tool_calls):
+        blocks.append(TextBlock(text=result.text))
+    blocks.extend(_tool_call_blocks(result))
+    additional: dict[str, Any] = {}
+    invalid = _invalid_tool_calls(result)
+    if invalid:
+        additional["invalid_tool_calls"] = invalid
+    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=additional)
+
+
+def _chat_response(result: GenerationResult, model: str) -> ChatResponse:
+    return ChatResponse(message=_message(result), raw=_raw(result, model))
+
+
+def _completion_response(result: GenerationResult, model: str) -> CompletionResponse:
+    additional: dict[str, Any] = {}
+    if result.reasoning:
+        additional["thinking"] = result.reasoning
+    if result.tool_calls:
+        additional["tool_calls"] = [b.model_dump() for b in _tool_call_blocks(result)]
+    return CompletionResponse(text=result.text, raw=_raw(result, model),
+                              additional_kwargs=additional)
+
+
+class _Accumulator:
+    """Turns the engine's stream (``Chunk``s of content or reasoning, then the result) into
+    LlamaIndex responses: each holds the text so far and its ``delta``; reasoning arrives as
+    ``additional_kwargs["thinking_delta"]`` (with an empty ``delta``) and as a ``ThinkingBlock``.
+    The last response is the whole result, with usage and statistics, and an empty delta."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.content = ""
+        self.reasoning = ""
+
+    def _feed(self, chunk: Chunk) -> tuple[str, dict[str, Any]]:
+        if getattr(chunk, "kind", "content") == "reasoning":
+            self.reasoning += chunk.text
+            return "", {"thinking_delta": chunk.text}
+        self.content += chunk.text
+        return chunk.text, {}
+
+    def _final_extra(self, result: GenerationResult) -> dict[str, Any]:
+        # Reasoning that was not streamed (none was) is handed over with the last response.
+        if result.reasoning and not self.reasoning:
+            return {"thinking_delta": result.reasoning}
+        return {}
+
+    def _raw(self, chunk: Chunk) -> dict[str, Any]:
+        return {"model": self.model, "token_ids": list(chunk.token_ids)}
+
+    def chat(self, item: Chunk | GenerationResult) -> ChatResponse:
+        if isinstance(item, GenerationResult):
+            response = _chat_response(item, self.model)
+            response.delta = ""
+            response.additional_kwargs.update(self._final_extra(item))
+            return response
+        delta, extra = self._feed(item)
+        blocks: list[Any] = [ThinkingBlock(content=self.reasoning)] if self.reasoning else []
+        blocks.append(TextBlock(text=self.content))
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks),
+                            delta=delta, raw=self._raw(item), additional_kwargs=extra)
+
+    def completion(self, item: Chunk | GenerationResult) -> CompletionResponse:
+        if isinstance(item, GenerationResult):
+            response = _completion_response(item, self.model)
+            response.delta = ""
+            response.additional_kwargs.update(self._final_extra(item))
+            return response
+        delta, extra = self._feed(item)
+        return CompletionResponse(text=self.content, delta=delta, raw=self._raw(item),
+                                  additional_kwargs=extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Async bridge
+# ---------------------------------------------------------------------------------------------
+
+_END = object()
+
+
+async def _aiterate(make_iterator: Callable[[], Iterator[Any]]) -> AsyncGenerator[Any, None]:
+    """Run ``make_iterator()`` in a worker thread and yield its items on the event loop.
+
+    The items travel through an ``asyncio.Queue`` (``call_soon_threadsafe``), so the loop never
+    waits on the engine. When the consumer stops early (``break``, cancellation, ``aclose``) the
+    worker closes the engine's iterator at its next item, which ends the generation and frees
+    the engine's lock.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            stop.set()
+
+    def work() -> None:
+        try:
+            iterator = make_iterator()
+            try:
+                for item in iterator:
+                    if stop.is_set():
+                        break
+                    put((item, None))
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # handed to the consumer, who re-raises it
+            put((None, exc))
+        finally:
+            put(_END)
+
+    threading.Thread(target=work, name="flashmoe-llama-index", daemon=True).start()
+    try:
+        while True:
+            entry = await queue.get()
+            if entry is _END:
+                return
+            item, exc = entry
+            if exc is not None:
+                raise exc
+            yield item
+    finally:
+        stop.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# The LLM
+# ---------------------------------------------------------------------------------------------
+
+
+class _Shared:
+    """Holds an LLM's engine so that copies of the LLM (shallow or deep) share it."""
+
+    __slots__ = ("engine",)
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def __copy__(self) -> _Shared:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
+        return self
+
+
+class FlashMoE(FunctionCallingLLM):
+    """A local Mixture-of-Experts model run by flashmoe, for LlamaIndex.
+
+    ``model`` is a store directory made by ``flashmoe pack``. The model must have a chat
+    template; its tool-call format (Qwen3.5 XML or Hermes JSON) is handled by the engine.
+
+    Examples:
+        ```python
+        from llama_index.llms.flashmoe import FlashMoE
+
+        llm = FlashMoE(model="/models/qwen3.5-moe-store", cache_gb=8, max_tokens=512)
+        print(llm.complete("What is a mixture of experts?"))
+        ```
+    """
+
+    model: str = Field(description="Path of the flashmoe store directory (made by `flashmoe pack`).")
+    cache_gb: float = Field(default=4.0, gt=0, description="Byte budget of the expert cache, in GiB.")
+    experts_per_token: int | None = Field(
+        default=None, ge=1,
+        description="Override the model's number of experts per token (None: the model's own).",
+    )
+    load_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Other keyword arguments of flashmoe_backend.FlashMoE.load (io_threads, "
+        "page_cache, verify, policy, prefill_step_size, prompt_cache_entries).",
+    )
+    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0.0,
+                               description="Sampling temperature (0: greedy).")
+    max_tokens: int = Field(default=DEFAULT_NUM_OUTPUTS, ge=1,
+                            description="Most tokens to generate per call.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling.")
+    top_k: int | None = Field(default=None, ge=0, description="Top-k sampling (0: off).")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="Min-p sampling.")
+    repetition_penalty: float | None = Field(default=None, description="Repetition penalty.")
+    seed: int | None = Field(default=None, description="Random seed of each generation.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    enable_thinking: bool | None = Field(
+        default=None,
+        description="Let a reasoning model think first (None: the chat template's default). The "
+        "reasoning comes back as a ThinkingBlock.",
+    )
+    context_window: int | None = Field(
+        default=None, gt=0,
+        description="Context window in tokens (None: the model config's max_position_embeddings).",
+    )
+    is_function_calling_model: bool = Field(
+        default=True, description="Whether agents should use native tool calling."
+    )
+    additional_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for every generation (e.g. logits_processors or a "
+        "response_format).",
+    )
+
+    _shared: _Shared = PrivateAttr()
+
+    def __init__(self, model: str | Path | None = None, *, engine: Engine | None = None,
+                 **kwargs: Any) -> None:
+        """Load (or reuse) the engine of ``model``; or wrap an already loaded ``engine``."""
+        if model is None:
+            if engine is None:
+                raise ValueError("FlashMoE needs `model` (a flashmoe store directory) or `engine`")
+            model = engine.store
+        super().__init__(model=str(model), **kwargs)
+        self._shared = _Shared(engine if engine is not None else load_engine(
+            self.model, self.cache_gb, self.experts_per_token, **self.load_kwargs
+        ))
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "FlashMoE_llm"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the settings, never the engine: unpickling re-runs ``__init__``, which finds
+        the shared engine again (or loads it)."""
+        clone = copy.copy(self)
+        clone.__pydantic_private__.pop("_shared", None)
+        return super(FlashMoE, clone).__getstate__()
+
+    @property
+    def engine(self) -> Engine:
+        """The shared ``flashmoe_backend.FlashMoE`` engine."""
+        return self._shared.engine
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=self.context_window or self._model_context_window(),
+            num_output=self.max_tokens,
+            is_chat_model=True,
+            is_function_calling_model=self.is_function_calling_model,
+            model_name=self.model,
+        )
+
+    def _model_context_window(self) -> int:
+        config = self.engine.config or {}
+        for section in (config, config.get("text_config") or {}):
+            value = section.get("max_position_embeddings")
+            if isinstance(value, int) and value > 0:
+                return value
+        return DEFAULT_CONTEXT_WINDOW
+
+    # -- generation arguments ----------------------------------------------------------------
+
+    def _generation_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The engine's keyword arguments: this LLM's settings, then ``additional_kwargs``, then
+        the call's own (unknown ones are left for the engine to reject)."""
+        out: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": self.temperature}
+        for name in ("top_p", "top_k", "min_p", "repetition_penalty", "seed", "enable_thinking"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.stop:
+            out["stop"] = list(self.stop)
+        out.update(self.additional_kwargs)
+        kwargs = dict(kwargs)
+        extra_stop = kwargs.pop("stop", None)
+        if extra_stop:
+            extra_stop = [extra_stop] if isinstance(extra_stop, str) else list(extra_stop)
+            out["stop"] = list(out.get("stop", [])) + extra_stop
+        tools = kwargs.pop("tools", None)
+        if tools:
+            out["tools"] = [to_engine_tool(t) for t in tools]
+        elif "tool_choice" in kwargs and kwargs["tool_choice"] in (None, "auto", "none"):
+            kwargs.pop("tool_choice")  # no tools: nothing to choose from
+        out.update(kwargs)
+        return out
+
+    def _generate(self, prompt: Any, kwargs: dict[str, Any]) -> GenerationResult:
+        return self.engine.generate(prompt, **self._generation_kwargs(kwargs))
+
+    def _stream(self, prompt: Any, kwargs: dict[str, Any]) -> Iterator[Chunk | GenerationResult]:
+        return self.engine.stream(prompt, **self._generation_kwargs(kwargs))
+
+    def _astream(self, prompt: Any, kwargs: dict[str, Any]) -> AsyncGenerator[Any, None]:
+        gen_kwargs = self._generation_kwargs(kwargs)
+        return _aiterate(lambda: self.engine.stream(prompt, **gen_kwargs))
+
+    async def _agenerate(self, prompt: Any, kwargs: dict[str, Any]) -> GenerationResult:
+        stream = self._astream(prompt, kwargs)
+        try:
+            async for item in stream:
+                if isinstance(item, GenerationResult):
+                    return item
+        finally:
+            await stream.aclose()
+        raise RuntimeError("the engine's stream ended without a result")  # pragma: no cover
+
+    def _completion_prompt(self, prompt: str, formatted: bool) -> Any:
+        """Raw text when the caller formatted the prompt (``formatted=True``) or this LLM has a
+        ``completion_to_prompt``; otherwise one user message through the chat template."""
+        if formatted:
+            return prompt
+        if self.completion_to_prompt not in (None, default_completion_to_prompt):
+            return self.completion_to_prompt(prompt)
+        return [{"role": "user", "content": prompt}]
+
+    # -- chat --------------------------------------------------------------------------------
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        result = self._generate(to_engine_messages(messages), kwargs)
+        return _chat_response(result, self.model)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        prompt = to_engine_messages(messages)
+
+        def gen() -> ChatResponseGen:
+            acc = _Accumulator(self.model)
+            for item in self._stream(prompt, kwargs):
+                yield acc.chat(item)
+
+        return gen()
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        result = await self._agenerate(to_engine_messages(messages), kwargs)
+        return _chat_response(result, self.model)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        prompt = to_engine_messages(messages)
+
+        async def gen() -> ChatResponseAsyncGen:
+            acc = _Accumulator(self.model)
+            stream = self._astream(prompt, kwargs)
+            try:
+                async for item in stream:
+                    yield acc.chat(item)
+            finally:
+                await stream.aclose()
+
+        return gen()
+
+    # -- completion --------------------------------------------------------------------------
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        result = self._generate(self._completion_prompt(prompt, formatted), kwargs)
+        return _completion_response(result, self.model)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False,
+                        **kwargs: Any) -> CompletionResponseGen:
+        engine_prompt = self._completion_prompt(prompt, formatted)
+
+        def gen() -> CompletionResponseGen:
+            acc = _Accumulator(self.model)
+            for item in self._stream(engine_prompt, kwargs):
+                yield acc.completion(item)
+
+        return gen()
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False,
+                        **kwargs: Any) -> CompletionResponse:
+        result = await self._agenerate(self._completion_prompt(prompt, formatted), kwargs)
+        return _completion_response(result, self.model)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        engine_prompt = self._completion_prompt(prompt, formatted)
+
+        async def gen() -> CompletionResponseAsyncGen:
+            acc = _Accumulator(self.model)
+            stream = self._astream(engine_prompt, kwargs)
+            try:
+                async for item in stream:
+                    yield acc.completion(item)
+            finally:
+                await stream.aclose()
+
+        return gen()
+
+    # -- tools -------------------------------------------------------------------------------
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: Any = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Messages plus the engine's ``tools`` / ``tool_choice`` / ``parallel_tool_calls``.
+
+        ``tool_required`` forces a call (``tool_choice="required"``); an explicit ``tool_choice``
+        (``"auto"``, ``"none"``, ``"required"``, a tool name or an OpenAI-style dict) wins.
+        """
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        prepared: dict[str, Any] = {"messages": messages, **kwargs}
+        if tools:
+            prepared["tools"] = [to_engine_tool(t) for t in tools]
+            if tool_choice is None:
+                tool_choice = "required" if tool_required else "auto"
+            prepared["tool_choice"] = tool_choice
+            prepared["parallel_tool_calls"] = allow_parallel_tool_calls
+        elif tool_required:
+            raise ValueError("tool_required=True needs at least one tool")
+        return prepared
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[BaseTool],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        """Keep only the first tool call unless parallel calls were allowed."""
+        if not allow_parallel_tool_calls:
+            blocks, seen_call = [], False
+            for block in response.message.blocks:
+                if isinstance(block, ToolCallBlock):
+                    if seen_call:
+                        continue
+                    seen_call = True
+                blocks.append(block)
+            response.message.blocks = blocks
+        return response
+
+    def get_tool_calls_from_response(
+        self,
+        response: ChatResponse,
+        error_on_no_tool_call: bool = True,
+        **kwargs: Any,
+    ) -> list[ToolSelection]:
+        """The response's tool calls as ``ToolSelection``s.
+
+        Streamed responses carry their tool calls on the last chunk only; earlier chunks give
+        ``[]`` (or raise with ``error_on_no_tool_call=True``).
+        """
+        selections = [
+            ToolSelection(tool_id=b.tool_call_id or b.tool_name, tool_name=b.tool_name,
+                          tool_kwargs=_arguments_dict(b.tool_kwargs))
+            for b in response.message.blocks if isinstance(b, ToolCallBlock)
+        ]
+        if not selections and response.message.additional_kwargs.get("tool_calls"):
+            for call in response.message.additional_kwargs["tool_calls"]:
+                call = _legacy_tool_call(call)
+                selections.append(ToolSelection(
+                    tool_id=call["id"], tool_name=call["function"]["name"],
+                    tool_kwargs=call["function"]["arguments"],
+                ))
+        if not selections and error_on_no_tool_call:
+            invalid = response.message.additional_kwargs.get("invalid_tool_calls")
+            detail = f"; invalid tool calls: {invalid}" if invalid else ""
+            raise ValueError(f"Expected at least one tool call, but got 0 tool calls{detail}.")
+        return selections
+
+    # -- structured output -------------------------------------------------------------------
+
+    def _structured_messages(self, prompt: BasePromptTemplate, prompt_args: dict) -> list[ChatMessage]:
+        return self._get_messages(prompt, **prompt_args)
+
+    @staticmethod
+    def _parsed(output_cls: type[Model], response: ChatResponse) -> Model:
+        raw = response.raw or {}
+        parsed = raw.get("parsed")
+        if isinstance(parsed, output_cls):
+            return parsed
+        text = response.message.content or ""
+        try:
+            if isinstance(parsed, dict):
+                return output_cls.model_validate(parsed)
+            return output_cls.model_validate_json(text)
+        except ValueError as exc:
+            reason = raw.get("finish_reason")
+            hint = " (max_tokens was reached: raise it)" if reason in ("length", "incomplete") else ""
+            raise ValueError(
+                f"FlashMoE did not produce a complete {output_cls.__name__}{hint}: {text[:200]!r}"
+            ) from exc
+
+    @dispatcher.span
+    def structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """A ``output_cls`` instance, generated under the engine's constrained decoding
+        (``response_format=output_cls``). Other ``pydantic_program_mode``s use LlamaIndex's
+        programs."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        dispatcher.event(LLMStructuredPredictStartEvent(
+            output_cls=output_cls, template=prompt, template_args=prompt_args))
+        messages = self._structured_messages(prompt, prompt_args)
+        response = self.chat(messages, response_format=output_cls, **(llm_kwargs or {}))
+        result = self._parsed(output_cls, response)
+        dispatcher.event(LLMStructuredPredictEndEvent(output=result))
+        return result
+
+    @dispatcher.span
+    async def astructured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """Async :meth:`structured_predict`."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        dispatcher.event(LLMStructuredPredictStartEvent(
+            output_cls=output_cls, template=prompt, template_args=prompt_args))
+        messages = self._structured_messages(prompt, prompt_args)
+        response = await self.achat(messages, response_format=output_cls, **(llm_kwargs or {}))
+        result = self._parsed(output_cls, response)
+        dispatcher.event(LLMStructuredPredictEndEvent(output=result))
+        return result
+
+    @staticmethod
+    def _partial(output_cls: type[Model], response: ChatResponse,
+                 current: Any) -> Model | FlexibleModel:
+        from llama_index.core.program.utils import process_streaming_objects
+
+        return process_streaming_objects(response, output_cls, cur_objects=[current] if current
+                                         else None, flexible_mode=True)
+
+    def _structured_stream_call(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Generator[Model | FlexibleModel, None, None]:
+        """Partial objects (``FlexibleModel``s) while the JSON streams in, then the validated
+        ``output_cls`` instance."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return super()._structured_stream_call(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages = self._structured_messages(prompt, prompt_args)
+
+        def gen() -> Generator[Model | FlexibleModel, None, None]:
+            current = None
+            stream = self.stream_chat(messages, response_format=output_cls, **(llm_kwargs or {}))
+            for response in stream:
+                if response.raw and "usage" in response.raw:  # the last chunk: the whole result
+                    yield self._parsed(output_cls, response)
+                    return
+                current = self._partial(output_cls, response, current)
+                yield current
+
+        return gen()
+
+    async def _structured_astream_call(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> AsyncGenerator[Model | FlexibleModel, None]:
+        """Async :meth:`_structured_stream_call`."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return await super()._structured_astream_call(output_cls, prompt, llm_kwargs,
+                                                          **prompt_args)
+        messages = self._structured_messages(prompt, prompt_args)
+
+        async def gen() -> AsyncGenerator[Model | FlexibleModel, None]:
+            current = None
+            stream = await self.astream_chat(messages, response_format=output_cls,
+                                             **(llm_kwargs or {}))
+            async for response in stream:
+                if response.raw and "usage" in response.raw:
+                    yield self._parsed(output_cls, response)
+                    return
+                current = self._partial(output_cls, response, current)
+                yield current
+
+        return gen()
+
+
+__all__ = ["FlashMoE", "load_engine", "release_engines", "to_engine_messages", "to_engine_tool"]
