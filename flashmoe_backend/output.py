@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import mlx.core as mx
+import numpy as np
+
 from .structured import Constraint, IncompleteOutputError, StructuredOutputError
 from .tool_calls import (
     THINK_CLOSE,
@@ -87,10 +90,10 @@ class OutputPlan:
             return cls("auto_tools", specs, fmt, parallel=parallel_tool_calls)
         return cls("text", specs, fmt, render_tools=False)
 
-    def processors(self, tokenizer, in_think: bool) -> list:
+    def processors(self, tokenizer, in_think: bool, max_tokens: int) -> list:
         """Fresh logits processors for one generation."""
         if self.constraint is not None:
-            return [self.constraint.logits_processor()]
+            return [CloseInTime(self.constraint.logits_processor(), max_tokens)]
         if self.mode == "auto_tools":
             self._auto = AutoToolProcessor(tokenizer, self.tools, self.tool_format,
                                            parallel=self.parallel, in_think=in_think)
@@ -126,6 +129,70 @@ class OutputPlan:
         elif calls and not invalid:
             finish_reason = "tool_calls"
         return Finished(content, reasoning, calls, invalid, finish_reason=finish_reason)
+
+
+class CloseInTime:
+    """Wraps a constrained processor so the structure is complete by ``max_tokens``.
+
+    Each automaton state's distance (in tokens) to an accepting state is known from the index;
+    once the tokens left could no longer cover the distance after some choice, only tokens that
+    keep the structure completable in time stay allowed. Earlier steps are untouched, so this
+    only shapes the last few tokens (closing an open string, then the object), and a
+    generation that has room ends as the model chose.
+    """
+
+    _DISTANCES: dict[int, tuple[Any, dict[int, int], int]] = {}  # id(index) -> (index, dist, max)
+
+    def __init__(self, inner, max_tokens: int):
+        self.inner = inner
+        self.max_tokens = max_tokens
+        self.dist, self.max_dist = _distances(inner.index)
+
+    def __getattr__(self, name: str) -> Any:  # is_complete, generated_ids, ... of the inner one
+        return getattr(self.inner, name)
+
+    def __call__(self, tokens, logits):
+        logits = self.inner(tokens, logits)
+        left = self.max_tokens - len(self.inner.generated_ids)  # including this step's token
+        if left > self.max_dist + 1 or self.inner.is_complete:
+            return logits
+        index, state = self.inner.index, self.inner.guide.get_state()
+        # The index ends in an end-of-text sentinel that is never generated: one step less.
+        spare = 1 if getattr(self.inner, "_sentinel", None) is not None else 0
+        keep = []
+        for t in self.inner.allowed_token_ids():
+            nxt = index.get_next_state(state, t)
+            if nxt is not None and self.dist.get(nxt, left + spare) - spare <= left - 1:
+                keep.append(t)
+        if not keep:  # no way to finish in time from here: leave the constraint as it is
+            return logits
+        mask = np.zeros(logits.shape[-1], dtype=bool)
+        mask[[t for t in keep if t < len(mask)]] = True
+        return mx.where(mx.array(mask), logits, mx.array(-np.inf, dtype=logits.dtype))
+
+
+def _distances(index) -> tuple[dict[int, int], int]:
+    """Fewest tokens from each state of ``index`` to an accepting state (reverse BFS)."""
+    cached = CloseInTime._DISTANCES.get(id(index))
+    if cached is not None and cached[0] is index:
+        return cached[1], cached[2]
+    reverse: dict[int, set[int]] = {}
+    for state, moves in index.get_transitions().items():
+        for nxt in set(moves.values()):
+            reverse.setdefault(nxt, set()).add(state)
+    dist = {s: 0 for s in index.get_final_states()}
+    frontier = list(dist)
+    while frontier:
+        step = []
+        for state in frontier:
+            for prev in reverse.get(state, ()):
+                if prev not in dist:
+                    dist[prev] = dist[state] + 1
+                    step.append(prev)
+        frontier = step
+    longest = max(dist.values(), default=0)
+    CloseInTime._DISTANCES[id(index)] = (index, dist, longest)
+    return dist, longest
 
 
 def _leading_reasoning(raw: str) -> tuple[str | None, str]:

@@ -3,14 +3,9 @@
 The model has random weights: its free text is gibberish, but everything structural (streaming,
 async, usage, stop strings, tool-call and structured-output shape) comes from the engine and
 constrained decoding, and must hold. ``EXPECTED_FAILURES`` (applied by conftest.py, so no standard
-test is overridden) lists the two kinds of test that cannot pass:
-
-* tests that check what the model understood of the prompt (that it copied the 3 of
-  "magic_function(3)", chose to call a tool unprompted, used the JSON keys the prompt asked for);
-* ``ENGINE_GAP`` (strict): schemas with a free-text string and no ``maxLength``. A random model
-  never writes the closing quote, so the structure is still open at ``max_tokens`` and ChatFlashMoE
-  rightly reports the output as incomplete. These pass once the engine closes structures within
-  the token budget; strict xfail then reports them as XPASS so that the marks get removed.
+test is overridden) lists the tests that cannot pass: those that check what the model understood
+of the prompt (that it copied the 3 of "magic_function(3)", chose to call a tool unprompted, used
+the JSON keys the prompt asked for).
 """
 
 from __future__ import annotations
@@ -27,11 +22,6 @@ COPIES_ARGUMENT = pytest.mark.xfail(
     run=False,
     reason="asserts args == {'input': 3}: the call's shape is forced, copying the 3 from the prompt "
     "needs a trained model",
-)
-ENGINE_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="engine: a free string (no maxLength) never closes under random weights and the engine "
-    "does not close structures within max_tokens, so the output is incomplete",
 )
 
 EXPECTED_FAILURES = {
@@ -52,13 +42,6 @@ EXPECTED_FAILURES = {
         "'punchline') needs a trained model"
     ),
     # Joke(setup: str, punchline: str), in every schema flavour.
-    "test_structured_output": ENGINE_GAP,
-    "test_structured_output_async": ENGINE_GAP,
-    "test_structured_output_pydantic_2_v1": ENGINE_GAP,
-    "test_structured_output_optional_param": ENGINE_GAP,
-    # tool_choice="any" over [magic_function, get_weather(location: str)]: the model picks get_weather.
-    "test_tool_choice": ENGINE_GAP,
-    "test_bind_runnables_as_tools": ENGINE_GAP,  # answer_style: str
 }
 
 
