@@ -89,6 +89,20 @@ def test_markup_like_text_inside_json_is_content(stores):
         assert "".join(c.text for c in streamed[:-1]) == streamed[-1].text == result.text
 
 
+def test_structures_close_within_max_tokens(stores):
+    """Free strings (no maxLength) never end on their own under random weights: the constraint
+    closes them when the token budget runs short, so the object is complete and valid."""
+    engine = stores("qwen3_5_moe")
+    schema = {"type": "object", "properties": {"setup": {"type": "string"},
+                                               "punchline": {"type": "string"}},
+              "required": ["setup", "punchline"]}
+    for seed in range(3):
+        result = engine.generate(ASK, response_format=schema, max_tokens=30, temperature=1.0,
+                                 seed=seed)
+        assert len(result.token_ids) <= 30
+        jsonschema.validate(result.parsed, schema)
+
+
 def test_incomplete_structure_is_reported(stores):
     engine = stores("qwen3_5_moe")
     result = engine.generate(ASK, response_format=Person, max_tokens=5)
