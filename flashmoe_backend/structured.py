@@ -340,7 +340,8 @@ def outlines_core_version() -> str:
 # Index compilation + cache
 # =============================================================================================
 
-_MEMORY_CACHE_SIZE = 64
+# Indexes over a 248k-token vocabulary can take hundreds of MB each: keep few in memory.
+_MEMORY_CACHE_SIZE = int(os.environ.get("FLASHMOE_INDEX_MEMORY_CACHE", "16"))
 _memory_cache: OrderedDict[str, Index] = OrderedDict()
 _memory_lock = threading.Lock()
 _key_locks: dict[str, threading.Lock] = {}
@@ -1195,10 +1196,6 @@ class Constraint:
         self.vocabulary = Vocabulary.from_tokenizer(tokenizer)
         self.index = index if index is not None else compile_index(regex, self.vocabulary)
         self._parser = parser
-        try:
-            self._py_regex: re.Pattern | None = re.compile(regex, re.DOTALL)
-        except (re.error, RecursionError, OverflowError):
-            self._py_regex = None
 
     @classmethod
     def from_response_format(
@@ -1485,11 +1482,17 @@ class ConstrainedLogitsProcessor:
         return mx.where(self.allowed_mask(width), zero, mx.array(-math.inf, dtype=dtype))
 
     def mask_logits(self, logits: mx.array) -> mx.array:
-        """``logits`` with every disallowed token set to ``-inf``. A select, not an addition, so
-        that NaN or +inf logits of disallowed tokens cannot survive the mask."""
+        """``logits`` with every disallowed token set to ``-inf``.
+
+        A select, not an addition, so NaN/+inf logits of disallowed tokens cannot survive; NaN
+        logits of allowed tokens become the dtype's lowest finite value, so that a model emitting
+        NaNs (seen with a tiny random model on mlx-cuda) still samples an allowed token instead
+        of whatever index the sampler's argmax over NaNs lands on."""
         width = int(logits.shape[-1])
         neg = mx.array(-math.inf, dtype=logits.dtype)
-        return mx.where(self.allowed_mask(width), logits, neg)
+        low = float(mx.finfo(logits.dtype).min)
+        safe = mx.nan_to_num(logits, nan=low, posinf=None, neginf=low)
+        return mx.where(self.allowed_mask(width), safe, neg)
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         self._sync(tokens)

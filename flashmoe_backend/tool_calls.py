@@ -39,12 +39,12 @@ import mlx.core as mx
 
 from .structured import (
     DEFAULT_WHITESPACE,
-    _read_new_tokens,
     FORMAT_REGEXES,
     ConstrainedLogitsProcessor,
     Constraint,
     StructuredOutputError,
     Vocabulary,
+    _read_new_tokens,
     regex_escape,
     schema_to_regex,
 )
@@ -365,7 +365,7 @@ def _bare_string_regex(s: dict) -> str:
     lo, hi = s.get("minLength"), s.get("maxLength")
     if lo is not None or hi is not None:
         # Bounded strings: counted characters other than '<' (so no closing tag can appear).
-        return "[^<]{%d,%s}" % (lo or 0, "" if hi is None else hi)
+        return f"[^<]{{{lo or 0},{'' if hi is None else hi}}}"
     return bare_text_regex()
 
 

@@ -326,6 +326,27 @@ def test_processor_masks_and_tracks_state(tok):
         p2.advance(vocab.byte_token_ids[ord("z")])
 
 
+def test_nan_logits_cannot_break_the_constraint(tok):
+    """A model emitting NaN/inf logits still samples only allowed tokens."""
+    from mlx_lm.sample_utils import make_sampler
+
+    c = Constraint.from_response_format(["yes", "no"], tok)
+    vocab = c.vocabulary
+    width = vocab.size
+    sampler = make_sampler(temp=1.0)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        proc = c.logits_processor()
+        logits = mx.full((1, width), bad)
+        out = proc(mx.array([1, 2]), logits)
+        arr = np.array(out[0])
+        allowed = set(proc.allowed_token_ids())
+        assert np.isfinite(arr[sorted(allowed)]).all()
+        assert np.isneginf(np.delete(arr, sorted(allowed))).all()
+        logprobs = out - mx.logsumexp(out, keepdims=True)
+        for _ in range(5):
+            assert int(sampler(logprobs).item()) in allowed
+
+
 def test_processor_overhead_is_small(tok):
     """Per-token mask cost at the real Qwen3.5 logits width (248,320) stays in the
     sub-millisecond range on CPU (generous bound for slow CI machines)."""
