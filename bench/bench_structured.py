@@ -41,6 +41,8 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flashmoe_backend import structured as st  # noqa: E402
+from flashmoe_backend import vocabulary as voc  # noqa: E402
+from flashmoe_backend.json_schema import schema_to_regex  # noqa: E402
 from flashmoe_backend.tool_calls import tool_call_regex  # noqa: E402
 
 QWEN35_VOCAB = 248_320
@@ -87,7 +89,7 @@ def _ms(x: float) -> str:
     return f"{x * 1e3:.2f}"
 
 
-def synthetic_vocabulary(size: int = QWEN35_VOCAB, seed: int = 0) -> st.Vocabulary:
+def synthetic_vocabulary(size: int = QWEN35_VOCAB, seed: int = 0) -> voc.Vocabulary:
     """A byte-level vocabulary of ``size`` tokens: the 256 bytes plus distinct random substrings
     (1-12 bytes, word-aligned half of the time) of Python sources from the standard library."""
     import email
@@ -111,12 +113,12 @@ def synthetic_vocabulary(size: int = QWEN35_VOCAB, seed: int = 0) -> st.Vocabula
                 continue
         tokens[corpus[i : i + rng.randint(2, 12)]] = None
     token_bytes = list(tokens)[: size - 1] + [b"<eos>"]
-    return st.Vocabulary(token_bytes, [size - 1], kind="synthetic")
+    return voc.Vocabulary(token_bytes, [size - 1], kind="synthetic")
 
 
 def bench_compile(vocabs: dict, cache_dir: Path) -> list[list]:
     grammars = {
-        "Pydantic-like JSON schema": st.schema_to_regex(ORDER_SCHEMA),
+        "Pydantic-like JSON schema": schema_to_regex(ORDER_SCHEMA),
         "XML tool calls (2 tools)": tool_call_regex(TOOLS, "required", "xml"),
         "Hermes tool calls (2 tools)": tool_call_regex(TOOLS, "required", "hermes"),
     }
@@ -124,18 +126,18 @@ def bench_compile(vocabs: dict, cache_dir: Path) -> list[list]:
     for vname, vocab in vocabs.items():
         for gname, regex in grammars.items():
             os.environ["FLASHMOE_CACHE_DIR"] = str(cache_dir / vname.replace(" ", "_"))
-            st.clear_index_cache(memory=True, disk=True)
+            voc.clear_index_cache(memory=True, disk=True)
             t0 = time.perf_counter()
-            idx = st.compile_index(regex, vocab)
+            idx = voc.compile_index(regex, vocab)
             first = time.perf_counter() - t0
             t0 = time.perf_counter()
-            st.compile_index(regex, vocab)
+            voc.compile_index(regex, vocab)
             mem = time.perf_counter() - t0
-            st.clear_index_cache(memory=True)
+            voc.clear_index_cache(memory=True)
             t0 = time.perf_counter()
-            st.compile_index(regex, vocab)
+            voc.compile_index(regex, vocab)
             disk = time.perf_counter() - t0
-            size = sum(f.stat().st_size for f in (st.index_cache_dir()).glob("*.idx"))
+            size = sum(f.stat().st_size for f in (voc.index_cache_dir()).glob("*.idx"))
             states = len(idx.get_transitions())
             rows.append([vname, gname, f"{first:.3f}", f"{mem * 1e6:.1f} us", f"{disk:.3f}",
                          states, f"{size / 1e6:.2f}"])
@@ -237,7 +239,7 @@ def main() -> None:
           f"model {'tiny qwen3_5_moe ' + str(args.bits) + '-bit' if not args.model else model_dir}")
 
     t0 = time.perf_counter()
-    tiny_vocab = st.Vocabulary.from_tokenizer(tok)
+    tiny_vocab = voc.Vocabulary.from_tokenizer(tok)
     t_tiny_vocab = time.perf_counter() - t0
     vocabs = {f"tiny ({tiny_vocab.size} tokens)": tiny_vocab}
     t_syn = None
@@ -263,8 +265,8 @@ def main() -> None:
                  ["run", "ms / token", "vs no processor"], rows))
 
     rows = []
-    dense_tiny = st.compile_index(r"[^\x00]*", tiny_vocab)
-    sparse_tiny = st.compile_index(r"[0-9]*", tiny_vocab)
+    dense_tiny = voc.compile_index(r"[^\x00]*", tiny_vocab)
+    sparse_tiny = voc.compile_index(r"[0-9]*", tiny_vocab)
     for label, index, vocab in (("tiny index, dense mask", dense_tiny, tiny_vocab),
                                 ("tiny index, sparse mask", sparse_tiny, tiny_vocab)):
         for path in (False, True):
@@ -273,7 +275,7 @@ def main() -> None:
                          f"{sec * 1e6:.0f}"])
     if not args.no_synthetic:
         syn_vocab = vocabs[f"synthetic ({syn.size:,} tokens)"]
-        dense_syn = st.compile_index(r"[^\x00]*", syn_vocab)
+        dense_syn = voc.compile_index(r"[^\x00]*", syn_vocab)
         for path in (False, True):
             sec = bench_processor(dense_syn, syn_vocab, args.width, args.calls, path)
             rows.append(["synthetic 248k index, dense mask",

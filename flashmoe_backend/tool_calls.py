@@ -37,17 +37,14 @@ from typing import Any, Literal
 
 import mlx.core as mx
 
+from .json_schema import DEFAULT_WHITESPACE, FORMAT_REGEXES, regex_escape, schema_to_regex
 from .structured import (
-    DEFAULT_WHITESPACE,
-    FORMAT_REGEXES,
     ConstrainedLogitsProcessor,
     Constraint,
     StructuredOutputError,
-    Vocabulary,
     _read_new_tokens,
-    regex_escape,
-    schema_to_regex,
 )
+from .vocabulary import Vocabulary
 
 __all__ = [
     "TOOL_CALL_CLOSE",

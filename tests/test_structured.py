@@ -1,4 +1,5 @@
-"""Constrained decoding (flashmoe_backend.structured) on tiny random models, CPU."""
+"""Constrained decoding (flashmoe_backend.structured, .json_schema, .vocabulary) on tiny random
+models, CPU."""
 
 from __future__ import annotations
 
@@ -15,18 +16,16 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, Field
 
-from flashmoe_backend import structured as st
+from flashmoe_backend import vocabulary as voc
+from flashmoe_backend.json_schema import integer_range_regex, number_range_regex, schema_to_regex
 from flashmoe_backend.structured import (
     Constraint,
     IncompleteOutputError,
     StructuredOutputError,
-    Vocabulary,
-    compile_index,
-    integer_range_regex,
-    number_range_regex,
+    from_mlxlm,
     response_format_to_regex,
-    schema_to_regex,
 )
+from flashmoe_backend.vocabulary import Vocabulary, compile_index
 
 
 @pytest.fixture(autouse=True)
@@ -263,23 +262,23 @@ def test_parse_reports_incomplete_and_invalid(tok):
 def test_index_cache_memory_and_disk(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path))
     regex = r"cache-test-[0-9]{2}"
-    st.clear_index_cache(memory=True)
-    s0 = st.index_cache_stats()
+    voc.clear_index_cache(memory=True)
+    s0 = voc.index_cache_stats()
     idx = compile_index(regex, tok)
-    s1 = st.index_cache_stats()
+    s1 = voc.index_cache_stats()
     assert s1["compiles"] == s0["compiles"] + 1
     assert list((tmp_path / "index").glob("*.idx"))
     assert compile_index(regex, tok) is idx  # memory
-    assert st.index_cache_stats()["memory_hits"] == s1["memory_hits"] + 1
-    st.clear_index_cache(memory=True)
+    assert voc.index_cache_stats()["memory_hits"] == s1["memory_hits"] + 1
+    voc.clear_index_cache(memory=True)
     idx2 = compile_index(regex, tok)  # disk
-    s2 = st.index_cache_stats()
+    s2 = voc.index_cache_stats()
     assert s2["disk_hits"] == s1["disk_hits"] + 1 and s2["compiles"] == s1["compiles"]
     assert idx2.get_transitions() == idx.get_transitions()
     # A corrupt file is ignored and rewritten.
     for f in (tmp_path / "index").glob("*.idx"):
         f.write_bytes(b"garbage")
-    st.clear_index_cache(memory=True)
+    voc.clear_index_cache(memory=True)
     assert compile_index(regex, tok).get_transitions() == idx.get_transitions()
     with pytest.raises(ValueError):
         compile_index("(unclosed", tok)
@@ -509,7 +508,7 @@ def test_outlines_model_on_cpu(quantized):
     from outlines.types import Regex
 
     model, tokenizer = quantized(4)
-    om = st.from_mlxlm(model, tokenizer)
+    om = from_mlxlm(model, tokenizer)
     assert isinstance(om, outlines.models.MLXLM)
     mx.random.seed(0)
     out = om("Give a person.", Person, max_tokens=100, sampler=make_sampler(temp=1.0))

@@ -11,7 +11,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from flashmoe_backend.structured import Vocabulary
 from flashmoe_backend.tool_calls import (
     XML_CLOSERS,
     AutoToolProcessor,
@@ -26,6 +25,7 @@ from flashmoe_backend.tool_calls import (
     tool_call_constraint,
     tool_call_regex,
 )
+from flashmoe_backend.vocabulary import Vocabulary
 
 
 @pytest.fixture(autouse=True)
