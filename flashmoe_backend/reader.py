@@ -69,7 +69,7 @@ def _aligned_buffer(nbytes: int) -> np.ndarray:
 def _to_mlx(record: np.ndarray, layer: LayerSpec) -> ExpertWeights:
     weights = {}
     for t in layer.tensors:
-        carrier = _NUMPY_CARRIER.get(t.dtype, np.dtype(t.dtype))
+        carrier = _NUMPY_CARRIER[t.dtype] if t.dtype in _NUMPY_CARRIER else np.dtype(t.dtype)
         view = record[t.offset : t.offset + t.nbytes].view(carrier).reshape(t.shape)
         array = mx.array(view)
         if t.dtype in _NUMPY_CARRIER:

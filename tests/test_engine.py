@@ -96,6 +96,24 @@ def test_quantized_store_matches_mlx_lm(checkpoints, arch, tmp_path):
     assert max_diff(got, expected) <= TOL
 
 
+def test_bfloat16_checkpoint(tiny_hf_dir, tmp_path):
+    """Real checkpoints are bf16 (mlx-community scales and biases too): records carry bf16."""
+    hf = tiny_hf_dir("qwen3_5_moe", dtype="bfloat16")
+    store = tmp_path / "bf16"
+    pack(hf, store, PackOptions(bits=4, group_size=32, progress=False))
+    from flashmoe_backend.store import read_manifest
+
+    assert {t.dtype for t in read_manifest(store).layers[0].tensors} == {"uint32", "bfloat16"}
+    converted = tmp_path / "conv"
+    mlx_lm.convert(str(hf), str(converted), quantize=True, q_bits=4, q_group_size=32)
+    ref, _ = mlx_lm.load(str(converted))
+    engine = FlashMoE.load(store, cache_gb=0.3 * _expert_gb(store))
+    expected, tokens = logits_trace(ref, PROMPT, 4)
+    got, _ = logits_trace(engine.model, PROMPT, 4, drive=tokens)
+    assert max_diff(got, expected) <= 1e-4  # same weights, same bf16 arithmetic
+    assert engine.streamer.counters.bytes_read > 0
+
+
 def mlx_lm_greedy(model, tokenizer, prompt, n):
     return [r.token for r in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=n)]
 
