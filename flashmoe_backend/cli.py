@@ -1,4 +1,4 @@
-"""The ``flashmoe`` command: pack, generate, chat, info, verify, demo."""
+"""The ``flashmoe`` command: pack, generate, chat, info, verify, bench, demo."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts-per-token", "-k", type=int, default=None,
                    help="override the model's top-k (changes its output; default: exact)")
     p.add_argument("--page-cache", choices=("bypass", "keep"), default="bypass")
-    p.add_argument("--policy", choices=("lru", "lfu"), default="lru")
+    p.add_argument("--policy", choices=("lfu", "lru"), default="lfu")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -159,6 +159,13 @@ def cmd_demo(args) -> int:
     return run_demo(cache_gb=args.cache_gb, max_tokens=args.max_tokens)
 
 
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    run(args, sys.argv[2:])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", type=Path)
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    from .bench import add_arguments
+
+    p = sub.add_parser("bench", help="decode/prefill against the physical floor (JSON + markdown)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="run the embedded demo model offline")
     p.add_argument("--cache-gb", type=float, default=None)

@@ -17,7 +17,7 @@ from typing import Any
 
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .cache import CacheCounters, ExpertCache, Policy
+from .cache import DEFAULT_POLICY, CacheCounters, ExpertCache, Policy
 from .generate import (
     Chunk,
     GenerationParams,
@@ -78,7 +78,7 @@ class FlashMoE:
         io_threads: int = 8,
         page_cache: PageCache = "bypass",
         verify: Verify = "first",
-        policy: Policy = "lru",
+        policy: Policy = DEFAULT_POLICY,
         prefill_step_size: int = 2048,
         prompt_cache_entries: int = 4,
     ) -> FlashMoE:
@@ -93,7 +93,8 @@ class FlashMoE:
             page_cache: "bypass" (O_DIRECT: our cache is the only copy) or "keep".
             verify: when to check record checksums: "first" read of each record, "always",
                 or "never".
-            policy: cache replacement policy, "lru" or "lfu".
+            policy: cache replacement policy, "lfu" (default: closest to Belady on the
+                calibrated routing trace, see bench/RESULTS.md) or "lru".
             prefill_step_size: prompt tokens per layer-major prefill chunk.
             prompt_cache_entries: how many prompt-prefix snapshots to keep for reuse (0: none).
         """

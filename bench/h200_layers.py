@@ -1,0 +1,855 @@
+#!/usr/bin/env python3
+"""Qwen3.5-397B layers on one GPU: per-token decode time per component against the floor, and
+host->device upload paths for expert bytes.
+
+Builds N layers (default 8) of Qwen3.5-397B-A17B at their real shapes with mlx-lm's own model
+class (``mlx_lm.models.qwen3_5_moe``: hidden 4096, 512 experts of intermediate 1024, top-10,
+shared expert 1024, GatedDeltaNet layers with full attention every 4th, vocabulary 248,320) and
+random weights (non-expert weights 4-bit, router and shared-expert gate 8-bit, like the
+mlx-community checkpoints), writes the experts straight into a flashmoe store (random 4-bit
+records with bf16 scales and biases, group 64: 7,077,888 bytes each, real CRC32s), installs the
+project's streaming layer and cache (``install_streaming``, ``ExpertStreamer``, ``ExpertCache``),
+and measures:
+
+* upload paths for expert records held in host memory: ``mx.array`` per tensor (what
+  ``ExpertReader`` does), one ``mx.array`` per record sliced into its tensors, one per layer
+  batch, ``mx.from_dlpack``, and writing straight into MLX-owned memory; each checked byte for
+  byte on the device and timed until its first use there;
+* greedy decode with the project's ``ExpertReader`` and with a phased reader (disk reads, then
+  the fastest correct upload path) so that time splits into router sync, I/O wait, upload,
+  expert compute, attention/GatedDeltaNet and the rest (eval barriers around each part:
+  "instrumented"; the same tokens again without barriers give the real speed);
+* the floor: missed bytes / disk bandwidth + (resident + hit bytes) / memory bandwidth, both
+  measured here (O_DIRECT reads of the store's records in layer-sized batches; a device
+  reduction over cached experts), and the same plus missed bytes / best upload bandwidth (a
+  discrete GPU adds that hop; Apple's unified memory does not);
+* K=4 instead of the model's 10; layer-major prefill of a prompt chunk against one raw pass over
+  the experts it needs; and the same layers with every expert in device memory (the mlx-lm
+  speed ceiling), which also checks that the streamed layers compute the same logits.
+
+On the GPU machine (see /work/shared/tools/mlx-cuda.md), from the repository root:
+
+    PYTHONPATH=$PWD python3 bench/h200_layers.py [--layers 8] [--workdir /tmp/h200]
+
+Tiny, on CPU (tests/test_bench.py runs this): ``python bench/h200_layers.py --tiny``.
+Prints the JSON report and writes it to ``$OUT/h200.json`` when ``OUT`` is set. The store is
+deleted at the end unless ``--keep-store``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+if "flashmoe_backend" not in sys.modules:
+    # Only the engine's streaming modules are needed; the package's __init__ also imports the
+    # generation and structured-output stack (outlines, ...), which the GPU image lacks.
+    import types
+
+    _package = types.ModuleType("flashmoe_backend")
+    _package.__path__ = [str(ROOT / "flashmoe_backend")]
+    sys.modules["flashmoe_backend"] = _package
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+
+from flashmoe_backend import bench as fb  # noqa: E402
+from flashmoe_backend.cache import DEFAULT_POLICY, ExpertCache  # noqa: E402
+from flashmoe_backend.reader import ExpertReader, ReaderConfig  # noqa: E402
+from flashmoe_backend.store import LayerSpec, Manifest, StoreError, checksum  # noqa: E402
+from flashmoe_backend.streaming import ExpertStreamer, StreamCounters, install_streaming  # noqa: E402
+
+GiB = 1024**3
+REAL = dict(
+    hidden=4096,
+    layers=8,
+    experts=512,
+    k=10,
+    intermediate=1024,
+    shared=1024,
+    vocab=248_320,
+    heads=32,
+    kv_heads=2,
+    head_dim=256,
+    lin_k_heads=16,
+    lin_v_heads=64,
+    lin_k_dim=128,
+    lin_v_dim=128,
+    tokens=48,
+    warmup=16,
+    prompt=16,
+    prefill=2048,
+    upload_records=16,
+)
+TINY = dict(
+    hidden=128,
+    layers=4,
+    experts=32,
+    k=4,
+    intermediate=64,
+    shared=64,
+    vocab=512,
+    heads=4,
+    kv_heads=2,
+    head_dim=32,
+    lin_k_heads=2,
+    lin_v_heads=4,
+    lin_k_dim=32,
+    lin_v_dim=32,
+    tokens=5,
+    warmup=3,
+    prompt=4,
+    prefill=24,
+    upload_records=4,
+)
+
+
+def log(msg: str) -> None:
+    print(f"[h200 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+def model_config(s: dict) -> dict:
+    text = dict(
+        model_type="qwen3_5_moe_text",
+        vocab_size=s["vocab"],
+        hidden_size=s["hidden"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        head_dim=s["head_dim"],
+        num_experts=s["experts"],
+        num_experts_per_tok=s["k"],
+        moe_intermediate_size=s["intermediate"],
+        shared_expert_intermediate_size=s["shared"],
+        linear_num_key_heads=s["lin_k_heads"],
+        linear_num_value_heads=s["lin_v_heads"],
+        linear_key_head_dim=s["lin_k_dim"],
+        linear_value_head_dim=s["lin_v_dim"],
+        linear_conv_kernel_dim=4,
+        full_attention_interval=4,
+        max_position_embeddings=262_144,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        norm_topk_prob=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
+    )
+    return {"model_type": "qwen3_5_moe", "text_config": text}
+
+
+def build_model(s: dict, seed: int):
+    """mlx-lm's Qwen3.5-MoE at shape ``s``, random weights, lazily (nothing evaluated yet)."""
+    from mlx_lm.models import qwen3_5_moe
+
+    mx.random.seed(seed)
+    return qwen3_5_moe.Model(qwen3_5_moe.ModelArgs.from_dict(model_config(s)))
+
+
+def finish_resident(model, dtype) -> int:
+    """Quantize the non-expert weights like mlx-community (4-bit, router and shared-expert gate
+    8-bit), cast the rest to ``dtype``, evaluate; returns resident bytes read per token (all of
+    them but the embedding table, of which one row)."""
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if path.endswith("mlp.gate") or path.endswith("shared_expert_gate"):
+            return {"group_size": 64, "bits": 8}
+        return module.weight.shape[-1] % 64 == 0
+
+    nn.quantize(model, group_size=64, bits=4, class_predicate=predicate)
+    cast = [
+        (k, v.astype(dtype))
+        for k, v in tree_flatten(model.parameters())
+        if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype and not k.endswith("A_log")
+    ]
+    model.update(tree_unflatten(cast))
+    params = dict(tree_flatten(model.parameters()))
+    mx.eval(params)
+    total = sum(v.nbytes for v in params.values())
+    embed = sum(v.nbytes for k, v in params.items() if ".embed_tokens." in k)
+    rows = model.language_model.args.vocab_size
+    return total - embed + embed // rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: the phased one splits disk time from upload time, with a choice of upload path
+# ---------------------------------------------------------------------------------------------
+
+UPLOADS = ("per_tensor", "per_record", "per_batch", "dlpack", "into_mlx")
+
+
+def _tensor_views(flat: mx.array, base: int, spec: LayerSpec) -> dict:
+    """The expert's tensors as views of a uint8 MLX array holding its record at ``base``."""
+    return {
+        t.name: flat[base + t.offset : base + t.offset + t.nbytes].view(getattr(mx, t.dtype)).reshape(t.shape)
+        for t in spec.tensors
+    }
+
+
+def _np_view(record: np.ndarray, t) -> np.ndarray:
+    carrier = np.uint16 if t.dtype == "bfloat16" else np.dtype(t.dtype)
+    return record[t.offset : t.offset + t.nbytes].view(carrier).reshape(t.shape)
+
+
+def upload(method: str, staged: np.ndarray, n: int, spec: LayerSpec) -> list[dict]:
+    """Device arrays of ``n`` records lying back to back in ``staged`` (host memory)."""
+    rb = spec.record_bytes
+    if method == "per_tensor":  # what ExpertReader._to_mlx does
+        out = []
+        for i in range(n):
+            rec = staged[i * rb : (i + 1) * rb]
+            w = {}
+            for t in spec.tensors:
+                a = mx.array(_np_view(rec, t))
+                w[t.name] = a.view(mx.bfloat16) if t.dtype == "bfloat16" else a
+            out.append(w)
+        return out
+    if method == "per_record":
+        return [_tensor_views(mx.array(staged[i * rb : (i + 1) * rb]), 0, spec) for i in range(n)]
+    if method == "per_batch":
+        flat = mx.array(staged[: n * rb])
+        return [_tensor_views(flat, i * rb, spec) for i in range(n)]
+    if method == "dlpack":
+        out = []
+        for i in range(n):
+            rec = staged[i * rb : (i + 1) * rb]
+            w = {}
+            for t in spec.tensors:
+                a = mx.from_dlpack(_np_view(rec, t))
+                w[t.name] = a.view(mx.bfloat16) if t.dtype == "bfloat16" else a
+            out.append(w)
+        return out
+    raise ValueError(method)
+
+
+def _host_view(a: mx.array) -> np.ndarray:
+    """A writable host view of an evaluated MLX array's memory (no copy where supported)."""
+    return np.frombuffer(memoryview(a).cast("B"), dtype=np.uint8)
+
+
+class PhasedReader:
+    """Same ``read(layer, experts)`` as ExpertReader (checksums on first read, O_DIRECT), but in
+    two timed phases: all records of the call from disk into host memory, then to the device with
+    ``method``. ``into_mlx`` reads straight into MLX-owned buffers (no separate upload)."""
+
+    def __init__(self, store: Path, manifest: Manifest, method: str, threads: int):
+        self.manifest = manifest
+        self.method = method
+        self.fds = []
+        for layer in manifest.layers:
+            try:
+                self.fds.append(os.open(store / layer.file, os.O_RDONLY | getattr(os, "O_DIRECT", 0)))
+            except OSError:
+                self.fds.append(os.open(store / layer.file, os.O_RDONLY))
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="h200-io")
+        self.verified: set[tuple[int, int]] = set()
+        self.lock = threading.Lock()
+        self.staging = np.empty(0, dtype=np.uint8)
+        self.io_seconds = 0.0
+        self.upload_seconds = 0.0
+        self.direct_failed = None
+
+    def _pread(self, fd: int, view: np.ndarray, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise StoreError("short read")
+            done += n
+
+    def _load(self, layer: int, expert: int, view: np.ndarray) -> None:
+        spec = self.manifest.layers[layer]
+        self._pread(self.fds[layer], view, expert * spec.record_bytes)
+        key = (layer, expert)
+        if key not in self.verified:
+            if checksum(view) != spec.checksums[expert]:
+                raise StoreError(f"checksum mismatch in layer {layer} expert {expert}")
+            with self.lock:
+                self.verified.add(key)
+
+    def read(self, layer: int, experts: list[int]) -> list[dict]:
+        spec = self.manifest.layers[layer]
+        rb, n = spec.record_bytes, len(experts)
+        if self.method == "into_mlx" and self.direct_failed is None:
+            tic = time.perf_counter()
+            slots = [mx.zeros((rb,), dtype=mx.uint8) for _ in experts]
+            mx.eval(slots)
+            views = [_host_view(s) for s in slots]
+            try:
+                list(self.pool.map(lambda i: self._load(layer, experts[i], views[i]), range(n)))
+            except OSError as e:  # e.g. O_DIRECT into this memory refused: stage instead from now on
+                self.direct_failed = repr(e)
+                return self.read(layer, experts)
+            mid = time.perf_counter()
+            out = [_tensor_views(s, 0, spec) for s in slots]
+            mx.eval(out)
+            self.io_seconds += mid - tic
+            self.upload_seconds += time.perf_counter() - mid
+            return out
+        if len(self.staging) < n * rb:
+            self.staging = np.frombuffer(mmap.mmap(-1, n * rb), dtype=np.uint8)
+        tic = time.perf_counter()
+        list(
+            self.pool.map(
+                lambda i: self._load(layer, experts[i], self.staging[i * rb : (i + 1) * rb]), range(n)
+            )
+        )
+        mid = time.perf_counter()
+        method = "per_batch" if self.method == "into_mlx" else self.method
+        out = upload(method, self.staging, n, spec)
+        mx.eval(out)
+        self.io_seconds += mid - tic
+        self.upload_seconds += time.perf_counter() - mid
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for fd in self.fds:
+            os.close(fd)
+
+
+def upload_study(store: Path, manifest: Manifest, records: int, repeats: int = 3) -> list[dict]:
+    """Each upload path on ``records`` real records staged in host memory: seconds to the device
+    and to a first device use of every byte, and a byte-for-byte check of one record."""
+    spec = manifest.layers[0]
+    rb = spec.record_bytes
+    n = min(records, spec.num_experts)
+    staged = np.frombuffer(mmap.mmap(-1, n * rb), dtype=np.uint8)
+    raw = PhasedReader(store, manifest, "per_batch", 8)
+    try:
+        for i in range(n):
+            raw._load(0, i, staged[i * rb : (i + 1) * rb])
+    finally:
+        raw.close()
+
+    def first_use(ws):
+        mx.eval([mx.max(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a) for w in ws for a in w.values()])
+
+    def exact(w, rec) -> bool:
+        for t in spec.tensors:
+            a = w[t.name]
+            host = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+            if host.tobytes() != rec[t.offset : t.offset + t.nbytes].tobytes():
+                return False
+        return True
+
+    results = []
+    for method in UPLOADS:
+        row = {"method": method, "records": n, "bytes": n * rb, "ok": False}
+        try:
+            best_up = best_use = float("inf")
+            for _ in range(repeats):
+                if method == "into_mlx":
+                    slots = [mx.zeros((rb,), dtype=mx.uint8) for _ in range(n)]
+                    mx.eval(slots)
+                    tic = time.perf_counter()
+                    for i, s in enumerate(slots):
+                        np.copyto(_host_view(s), staged[i * rb : (i + 1) * rb])
+                    ws = [_tensor_views(s, 0, spec) for s in slots]
+                    mx.eval(ws)
+                else:
+                    tic = time.perf_counter()
+                    ws = upload(method, staged, n, spec)
+                    mx.eval(ws)
+                mid = time.perf_counter()
+                first_use(ws)
+                end = time.perf_counter()
+                best_up, best_use = min(best_up, mid - tic), min(best_use, end - tic)
+            row.update(
+                ok=exact(ws[-1], staged[(n - 1) * rb : n * rb]),
+                upload_seconds=best_up,
+                to_first_use_seconds=best_use,
+                upload_gb_s=n * rb / best_up / 1e9,
+                to_first_use_gb_s=n * rb / best_use / 1e9,
+            )
+        except Exception as e:  # a path this MLX build does not support
+            row["error"] = f"{type(e).__name__}: {e}"
+        results.append(row)
+        log(
+            f"upload {method}: "
+            + (
+                f"{row['to_first_use_gb_s']:.2f} GB/s to first use, ok={row['ok']}"
+                if "upload_gb_s" in row
+                else row.get("error", "")
+            )
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Instrumented decode
+# ---------------------------------------------------------------------------------------------
+
+TIMES: dict[str, float] = {"attention_gdn": 0.0, "moe": 0.0}
+
+
+class Timed(nn.Module):
+    """Runs ``inner`` and evaluates its output (and its cache's state): a timing barrier."""
+
+    def __init__(self, inner: nn.Module, bucket: str):
+        super().__init__()
+        self.inner = inner
+        self._bucket = bucket
+
+    def __call__(self, *args, **kwargs):
+        tic = time.perf_counter()
+        out = self.inner(*args, **kwargs)
+        cache = args[2] if len(args) > 2 else kwargs.get("cache")
+        mx.eval(out, *([cache.state] if cache is not None else []))
+        TIMES[self._bucket] += time.perf_counter() - tic
+        return out
+
+
+def instrument(model, on: bool) -> None:
+    for layer in model.layers:
+        name = "linear_attn" if layer.is_linear else "self_attn"
+        attn, mlp = getattr(layer, name), layer.mlp
+        if on and not isinstance(attn, Timed):
+            setattr(layer, name, Timed(attn, "attention_gdn"))
+            layer.mlp = Timed(mlp, "moe")
+        elif not on and isinstance(attn, Timed):
+            setattr(layer, name, attn.inner)
+            layer.mlp = mlp.inner
+
+
+def decode(
+    model,
+    streamer: ExpertStreamer,
+    prompt: list[int],
+    warmup: int,
+    tokens: int,
+    instrumented: bool,
+    drive: list[int] | None = None,
+) -> dict:
+    """Greedy decode from a cold cache; times the ``tokens`` after ``warmup``. ``drive`` feeds
+    given tokens instead of the argmax (to compare two models on the same inputs)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    instrument(model, instrumented)
+    cache = make_prompt_cache(model)
+    logits = model(mx.array(prompt)[None], cache=cache)[0, -1]
+    tok = int(mx.argmax(logits).item())
+    fed, kept_logits, seconds = [], [], []
+    snap = None
+    reader = streamer.reader
+    for i in range(warmup + tokens):
+        if i == warmup:
+            snap = dict(
+                TIMES,
+                sync=streamer.counters.sync_seconds,
+                io=streamer.counters.io_seconds,
+                rio=getattr(reader, "io_seconds", 0.0),
+                up=getattr(reader, "upload_seconds", 0.0),
+                hits=streamer.cache.counters.hits,
+                misses=streamer.cache.counters.misses,
+            )
+        tok = drive[i] if drive is not None else tok
+        fed.append(tok)
+        tic = time.perf_counter()
+        logits = model(mx.array([[tok]]), cache=cache)[0, -1]
+        tok = int(mx.argmax(logits).item())
+        seconds.append(time.perf_counter() - tic)
+        if i < 4:
+            kept_logits.append(np.array(logits.astype(mx.float32)))
+    instrument(model, False)
+    total = sum(seconds[warmup:])
+    c = streamer.cache.counters
+    out = {
+        "tokens": tokens,
+        "warmup": warmup,
+        "seconds_per_token": total / tokens,
+        "fed": fed,
+        "logits": kept_logits,
+        "hits": c.hits - snap["hits"],
+        "misses": c.misses - snap["misses"],
+    }
+    if instrumented:
+        sync = streamer.counters.sync_seconds - snap["sync"]
+        if isinstance(reader, PhasedReader):
+            io, up = reader.io_seconds - snap["rio"], reader.upload_seconds - snap["up"]
+        else:
+            io, up = streamer.counters.io_seconds - snap["io"], 0.0
+        attn = TIMES["attention_gdn"] - snap["attention_gdn"]
+        moe = TIMES["moe"] - snap["moe"]
+        parts = {
+            "router_sync": sync,
+            "io_wait": io,
+            "upload": up,
+            "expert_compute": max(0.0, moe - sync - io - up),
+            "attention_gdn": attn,
+        }
+        parts["rest"] = max(0.0, total - sum(parts.values()))
+        scale = total / sum(parts.values())  # exact sum (the max(0, .) clamps are tiny)
+        out["components_seconds_per_token"] = {k: v * scale / tokens for k, v in parts.items()}
+    return out
+
+
+def fresh(streamer: ExpertStreamer, reader, budget: int, policy: str, files) -> None:
+    """A cold start: new reader and empty cache, store pages evicted."""
+    old = streamer.reader
+    if old is not reader:
+        old.close()
+    streamer.reader = reader
+    streamer.cache = ExpertCache(budget, policy)
+    streamer.counters = StreamCounters()
+    fb.evict_page_cache(files)
+    fb._release_memory()
+
+
+def measure_device_memory(store: Path, manifest: Manifest, records: int, repeats: int = 5) -> dict:
+    """Bandwidth of a device reduction over experts held as MLX arrays (the hit bytes' path)."""
+    reader = ExpertReader(store, manifest, ReaderConfig(verify="never"))
+    try:
+        ws = reader.read(0, list(range(min(records, manifest.layers[0].num_experts))))
+    finally:
+        reader.close()
+    arrays = [a.view(mx.uint16) if a.dtype == mx.bfloat16 else a for w in ws for a in w.values()]
+    mx.eval([mx.max(a) for a in arrays])
+    tic = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval([mx.max(a) for a in arrays])
+    seconds = time.perf_counter() - tic
+    nbytes = repeats * sum(a.nbytes for a in arrays)
+    return {"bytes": nbytes, "seconds": seconds, "bytes_per_s": nbytes / seconds, "records": len(ws)}
+
+
+def floors(run: dict, rb: int, resident: int, disk_bw: float, mem_bw: float, up_bw: float | None) -> dict:
+    n = run["tokens"]
+    floor = (run["misses"] * rb / disk_bw + (resident * n + run["hits"] * rb) / mem_bw) / n
+    out = {
+        "floor_seconds_per_token": floor,
+        "measured_over_floor": run["seconds_per_token"] / floor,
+        "hit_rate": run["hits"] / max(1, run["hits"] + run["misses"]),
+    }
+    if up_bw:
+        f2 = floor + run["misses"] * rb / up_bw / n
+        out.update(
+            floor_with_upload_seconds_per_token=f2,
+            measured_over_floor_with_upload=run["seconds_per_token"] / f2,
+        )
+    return out
+
+
+def full_experts(model, store: Path, manifest: Manifest, s: dict):
+    """Every layer's experts stacked into a quantized SwitchGLU in device memory."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    reader = PhasedReader(store, manifest, "per_batch", 16)
+    modules = []
+    try:
+        for i, spec in enumerate(manifest.layers):
+            m = SwitchGLU(s["hidden"], s["intermediate"], s["experts"])
+            nn.quantize(m, group_size=64, bits=4)
+            ws = reader.read(i, list(range(spec.num_experts)))
+            m.update(tree_unflatten([(t.name, mx.stack([w[t.name] for w in ws])) for t in spec.tensors]))
+            mx.eval(m.parameters())
+            modules.append(m)
+            del ws
+    finally:
+        reader.close()
+    return modules
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, runs on CPU in seconds")
+    p.add_argument("--layers", type=int, default=None, help="layers to build (default 8; 29 GB of experts)")
+    p.add_argument("--tokens", type=int, default=None, help="decode tokens timed per run")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument(
+        "--prefill", type=int, default=None, help="prompt tokens of the prefill measurement (0: skip)"
+    )
+    p.add_argument("--budget-frac", type=float, default=0.25)
+    p.add_argument("--policy", default=DEFAULT_POLICY)
+    p.add_argument("--io-threads", type=int, default=16)
+    p.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "flashmoe-h200")
+    p.add_argument("--keep-store", action="store_true")
+    p.add_argument(
+        "--no-reference", dest="reference", action="store_false", help="skip the all-experts-in-memory run"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    s = dict(TINY if args.tiny else REAL)
+    for key in ("layers", "tokens", "warmup", "prefill"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    started = time.perf_counter()
+    fb.ensure_reader_bf16()
+    report: dict = {
+        "config": {
+            **s,
+            "tiny": args.tiny,
+            "budget_frac": args.budget_frac,
+            "policy": args.policy,
+            "io_threads": args.io_threads,
+        },
+        "machine": {"device": str(mx.default_device()), "mlx": mx.__version__, "cpus": os.cpu_count()},
+        "errors": {},
+    }
+    store = args.workdir / "store"
+    if store.exists():
+        shutil.rmtree(store)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    def step(name, fn):
+        """Run one part; on the GPU machine keep going after a failure (recorded in the report)."""
+        tic = time.perf_counter()
+        try:
+            return fn()
+        except Exception as e:
+            if args.tiny:
+                raise
+            report["errors"][name] = traceback.format_exc()
+            log(f"{name} FAILED: {e!r}")
+            return None
+        finally:
+            report.setdefault("step_seconds", {})[name] = time.perf_counter() - tic
+
+    try:
+        # -- model and store ------------------------------------------------------------------
+        dtype = mx.bfloat16
+        model = build_model(s, args.seed)
+        record = sum(v[2] for v in fb.expert_layout(s["hidden"], s["intermediate"]).values())
+        need = s["layers"] * s["experts"] * record
+        free = shutil.disk_usage(args.workdir).free
+        if need > free - 4 * GiB:
+            raise SystemExit(
+                f"{need / GiB:.1f} GiB of experts do not fit in {free / GiB:.1f} GiB free; "
+                f"pass fewer --layers"
+            )
+        log(f"writing {s['layers']} layers x {s['experts']} experts = {need / GiB:.1f} GiB")
+        manifest = step(
+            "write_store",
+            lambda: fb.write_synthetic_store(
+                store,
+                s["layers"],
+                s["experts"],
+                s["hidden"],
+                s["intermediate"],
+                k=s["k"],
+                seed=args.seed,
+                threads=min(s["layers"], os.cpu_count() or 1),
+            ),
+        )
+        files = fb.store_files(store, manifest)
+        rb = manifest.layers[0].record_bytes
+        budget = int(args.budget_frac * manifest.expert_bytes) // rb * rb
+        streamer = ExpertStreamer(
+            manifest,
+            ExpertReader(store, manifest, ReaderConfig(args.io_threads)),
+            ExpertCache(budget, args.policy),
+        )
+        install_streaming(model, manifest, streamer)
+        resident = finish_resident(model, dtype)
+        report["store"] = {
+            "expert_bytes": manifest.expert_bytes,
+            "record_bytes": rb,
+            "budget_bytes": budget,
+            "resident_bytes_per_token": resident,
+        }
+        log(f"model ready: resident {resident / GiB:.2f} GiB/token, budget {budget / GiB:.2f} GiB")
+
+        # -- bandwidths and upload paths -------------------------------------------------------
+        rng = np.random.default_rng(args.seed)
+        E, L = s["experts"], s["layers"]
+        n_disk = min(L * E, max(8 * s["k"], int(3e9 // rb)))
+        keys = [(int(x // E), int(x % E)) for x in rng.choice(L * E, n_disk, replace=False)]
+        disk = step(
+            "disk",
+            lambda: fb.measure_disk(store, manifest, keys, max(1, round(0.7 * s["k"])), args.io_threads),
+        )
+        memory = step("memory", lambda: measure_device_memory(store, manifest, s["upload_records"] * 2))
+        uploads = step("uploads", lambda: upload_study(store, manifest, s["upload_records"])) or []
+        report.update(disk=disk, memory=memory, upload_methods=uploads)
+        good = [u for u in uploads if u.get("ok")]
+        best = max(good, key=lambda u: u["to_first_use_gb_s"]) if good else None
+        up_bw = best["to_first_use_gb_s"] * 1e9 if best else None
+        log(
+            f"disk {disk['bytes_per_s'] / 1e9:.2f} GB/s, memory {memory['bytes_per_s'] / 1e9:.1f} GB/s, "
+            f"best upload {best['method'] if best else None}"
+        )
+        prompt = rng.integers(0, s["vocab"], size=s["prompt"]).tolist()
+
+        # -- decode runs ----------------------------------------------------------------------
+        def run(name, reader, instrumented, k=None, drive=None):
+            fresh(streamer, reader, budget, args.policy, files)
+            if k is not None:
+                for layer in model.layers:
+                    layer.mlp.top_k = k
+            try:
+                r = decode(model, streamer, prompt, s["warmup"], s["tokens"], instrumented, drive)
+            finally:
+                for layer in model.layers:
+                    layer.mlp.top_k = s["k"]
+            r.update(floors(r, rb, resident, disk["bytes_per_s"], memory["bytes_per_s"], up_bw))
+            log(
+                f"{name}: {r['seconds_per_token'] * 1000:.1f} ms/token, hit {r['hit_rate']:.3f}, "
+                f"x{r['measured_over_floor']:.2f} floor"
+            )
+            return r
+
+        engine_cfg = ReaderConfig(args.io_threads)
+        method = best["method"] if best else "per_tensor"
+        runs = {}
+        runs["engine_instrumented"] = step(
+            "engine_instrumented",
+            lambda: run("engine reader, instrumented", ExpertReader(store, manifest, engine_cfg), True),
+        )
+        runs["engine"] = step(
+            "engine", lambda: run("engine reader", ExpertReader(store, manifest, engine_cfg), False)
+        )
+        runs["phased_instrumented"] = step(
+            "phased_instrumented",
+            lambda: run(
+                f"phased reader ({method}), instrumented",
+                PhasedReader(store, manifest, method, args.io_threads),
+                True,
+            ),
+        )
+        runs["phased"] = step(
+            "phased",
+            lambda: run(
+                f"phased reader ({method})", PhasedReader(store, manifest, method, args.io_threads), False
+            ),
+        )
+        runs["k4"] = step(
+            "k4",
+            lambda: run(
+                "engine reader, K=4", ExpertReader(store, manifest, engine_cfg), False, k=min(4, s["k"])
+            ),
+        )
+        for r in runs.values():
+            if r:
+                r.pop("logits", None) if r is not runs.get("engine") else None
+        report["decode"] = runs.get("phased_instrumented")
+        report["decode_runs"] = {
+            k: ({x: y for x, y in v.items() if x not in ("logits", "fed")} if v else None)
+            for k, v in runs.items()
+        }
+
+        # -- prefill ---------------------------------------------------------------------------
+        def prefill():
+            from mlx_lm.models.cache import make_prompt_cache
+
+            fresh(streamer, ExpertReader(store, manifest, engine_cfg), budget, args.policy, files)
+            calls = []
+            fetch = streamer.fetch
+            streamer.fetch = lambda layer, experts: (
+                calls.append((layer, list(experts))) or fetch(layer, experts)
+            )
+            try:
+                ids = rng.integers(0, s["vocab"], size=s["prefill"]).tolist()
+                tic = time.perf_counter()
+                mx.eval(model(mx.array(ids)[None], cache=make_prompt_cache(model)))
+                seconds = time.perf_counter() - tic
+            finally:
+                del streamer.fetch
+            union = {}
+            for layer, experts in calls:
+                union.setdefault(layer, set()).update(experts)
+            fb.evict_page_cache(files)
+            raw = fb.RawReader(store, manifest, args.io_threads)
+            try:
+                tic = time.perf_counter()
+                nbytes = sum(raw.read([(layer, e) for e in sorted(es)]) for layer, es in union.items())
+                one_pass = time.perf_counter() - tic
+            finally:
+                raw.close()
+            return {
+                "prompt_tokens": s["prefill"],
+                "seconds": seconds,
+                "io_seconds": streamer.counters.io_seconds,
+                "sync_seconds": streamer.counters.sync_seconds,
+                "experts_needed": sum(map(len, union.values())),
+                "groups": len(calls),
+                "bytes_needed": nbytes,
+                "one_pass_seconds": one_pass,
+                "over_one_pass": seconds / one_pass,
+            }
+
+        if s["prefill"]:
+            report["prefill"] = step("prefill", prefill)
+
+        # -- every expert in device memory: the speed ceiling, and the same logits -------------
+        if args.reference and runs.get("engine"):
+
+            def reference():
+                fresh(streamer, ExpertReader(store, manifest, engine_cfg), budget, args.policy, files)
+                streaming = [layer.mlp.switch_mlp for layer in model.layers]
+                full = full_experts(model, store, manifest, s)
+                try:
+                    for layer, m in zip(model.layers, full, strict=True):
+                        layer.mlp.switch_mlp = m
+                    ref = decode(
+                        model, streamer, prompt, s["warmup"], s["tokens"], False, runs["engine"]["fed"]
+                    )
+                finally:
+                    for layer, m in zip(model.layers, streaming, strict=True):
+                        layer.mlp.switch_mlp = m
+                diffs = [
+                    float(np.abs(a - b).max() / (np.abs(b).max() + 1e-6))
+                    for a, b in zip(runs["engine"]["logits"], ref["logits"], strict=False)
+                ]
+                return {
+                    "seconds_per_token": ref["seconds_per_token"],
+                    "max_relative_logit_diff": max(diffs),
+                    "streaming_over_in_memory": runs["engine"]["seconds_per_token"]
+                    / ref["seconds_per_token"],
+                }
+
+            report["in_memory"] = step("in_memory", reference)
+        engine_run = runs.get("engine")
+        if engine_run:
+            engine_run.pop("logits", None)
+            report["decode_runs"]["engine"] = {x: y for x, y in engine_run.items() if x != "fed"}
+        ref = report.get("in_memory") or {}
+        report["checks"] = {
+            "outputs_match_in_memory_reference": bool(ref) and ref["max_relative_logit_diff"] < 2e-2,
+            "within_budget": streamer.cache.counters.bytes_peak <= budget,
+        }
+        if report["decode"]:
+            report["decode"] = {x: y for x, y in report["decode"].items() if x not in ("logits", "fed")}
+    finally:
+        if not args.keep_store:
+            shutil.rmtree(store, ignore_errors=True)
+    report["total_seconds"] = time.perf_counter() - started
+    text = json.dumps(report, indent=1, default=str)
+    print(text)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "h200.json").write_text(text)
+    return json.loads(text)
+
+
+if __name__ == "__main__":
+    main()
