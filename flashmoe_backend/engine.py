@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
+from .aio import iterate_in_thread
 from .cache import DEFAULT_POLICY, CacheCounters, ExpertCache, Policy
 from .generate import (
     Chunk,
@@ -223,6 +224,11 @@ class FlashMoE:
                 invalid_tool_calls=done.invalid_tool_calls,
                 parsed=done.parsed,
             )
+
+    def astream(self, prompt: Prompt, **kwargs) -> AsyncIterator[Chunk | GenerationResult]:
+        """``stream`` for asyncio: the generation runs in a worker thread, the event loop never
+        waits on it; same arguments and items."""
+        return iterate_in_thread(lambda: self.stream(prompt, **kwargs))
 
     def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
         """Generate to completion; same arguments as ``stream``."""

@@ -12,7 +12,6 @@ threads and coroutines at once.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -326,54 +325,6 @@ async def _acomplete_only(messages: AsyncIterator[BaseMessage]) -> AsyncIterator
 #: parsers would otherwise repair a cut-off structure into a plausible but truncated value.
 _COMPLETE_ONLY = RunnableGenerator(_complete_only, _acomplete_only, name="flashmoe_complete_only")
 
-_DONE = object()
-
-
-async def _aiterate(engine: FlashMoE, prompt: list[dict], params: dict
-                    ) -> AsyncIterator[Chunk | GenerationResult]:
-    """``engine.stream`` run in a worker thread, its items handed over through an asyncio queue.
-
-    The event loop never waits on the model. When the consumer stops early (break, cancellation)
-    the worker closes the engine's iterator at its next item, which ends the generation and frees
-    the engine for the next caller.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-
-    def post(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            stop.set()
-
-    def work() -> None:
-        items = engine.stream(prompt, **params)
-        try:
-            for item in items:
-                if stop.is_set():
-                    break
-                post(item)
-        except BaseException as exc:  # handed to the consumer
-            post(exc)
-        finally:
-            items.close()
-            post(_DONE)
-
-    worker = loop.run_in_executor(None, work)
-    try:
-        while True:
-            item = await queue.get()
-            if item is _DONE:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        await worker
-    finally:
-        stop.set()
-
-
 # ------------------------------------------------------------------------------------------------
 # The chat model
 # ------------------------------------------------------------------------------------------------
@@ -570,7 +521,7 @@ class ChatFlashMoE(BaseChatModel):
     ) -> ChatResult:
         engine, model, params = self._request(stop, kwargs)
         result: GenerationResult | None = None
-        async for item in _aiterate(engine, convert_messages(messages), params):
+        async for item in engine.astream(convert_messages(messages), **params):
             if isinstance(item, GenerationResult):
                 result = item
         if result is None:  # pragma: no cover - the engine always ends with a result
@@ -587,7 +538,7 @@ class ChatFlashMoE(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         engine, model, params = self._request(stop, kwargs)
         streamed_reasoning = False
-        async for item in _aiterate(engine, convert_messages(messages), params):
+        async for item in engine.astream(convert_messages(messages), **params):
             if isinstance(item, GenerationResult):
                 yield ChatGenerationChunk(message=_last_chunk(model, item, streamed_reasoning))
             elif item.text:

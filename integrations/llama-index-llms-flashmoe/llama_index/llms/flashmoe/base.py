@@ -17,11 +17,10 @@ structured output, statistics) back to ``ChatResponse`` / ``CompletionResponse``
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import threading
-from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -330,62 +329,6 @@ class _Accumulator:
 
 
 # ---------------------------------------------------------------------------------------------
-# Async bridge
-# ---------------------------------------------------------------------------------------------
-
-_END = object()
-
-
-async def _aiterate(make_iterator: Callable[[], Iterator[Any]]) -> AsyncGenerator[Any, None]:
-    """Run ``make_iterator()`` in a worker thread and yield its items on the event loop.
-
-    The items travel through an ``asyncio.Queue`` (``call_soon_threadsafe``), so the loop never
-    waits on the engine. When the consumer stops early (``break``, cancellation, ``aclose``) the
-    worker closes the engine's iterator at its next item, which ends the generation and frees
-    the engine's lock.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-
-    def put(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            stop.set()
-
-    def work() -> None:
-        try:
-            iterator = make_iterator()
-            try:
-                for item in iterator:
-                    if stop.is_set():
-                        break
-                    put((item, None))
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
-        except BaseException as exc:  # handed to the consumer, who re-raises it
-            put((None, exc))
-        finally:
-            put(_END)
-
-    threading.Thread(target=work, name="flashmoe-llama-index", daemon=True).start()
-    try:
-        while True:
-            entry = await queue.get()
-            if entry is _END:
-                return
-            item, exc = entry
-            if exc is not None:
-                raise exc
-            yield item
-    finally:
-        stop.set()
-
-
-# ---------------------------------------------------------------------------------------------
 # The LLM
 # ---------------------------------------------------------------------------------------------
 
@@ -541,7 +484,7 @@ class FlashMoE(FunctionCallingLLM):
 
     def _astream(self, prompt: Any, kwargs: dict[str, Any]) -> AsyncGenerator[Any, None]:
         gen_kwargs = self._generation_kwargs(kwargs)
-        return _aiterate(lambda: self.engine.stream(prompt, **gen_kwargs))
+        return self.engine.astream(prompt, **gen_kwargs)
 
     async def _agenerate(self, prompt: Any, kwargs: dict[str, Any]) -> GenerationResult:
         stream = self._astream(prompt, kwargs)
