@@ -258,3 +258,25 @@ def test_bad_generation_arguments(checkpoints):
         engine.generate("hi", max_tokens=0)
     with pytest.raises(ValueError, match="cache budget"):
         FlashMoE.load(store, cache_gb=1e-9)
+
+
+def test_astream_matches_stream_and_frees_the_engine(checkpoints):
+    import asyncio
+
+    _, store, _, _ = checkpoints("qwen3_moe")
+    engine = FlashMoE.load(store, cache_gb=1.0)
+    expected = engine.generate("The records say", max_tokens=12)
+
+    async def collect():
+        return [item async for item in engine.astream("The records say", max_tokens=12)]
+
+    async def abandon():
+        async for _ in engine.astream("The records say", max_tokens=200):
+            break
+
+    items = asyncio.run(collect())
+    assert items[-1].token_ids == expected.token_ids
+    assert "".join(i.text for i in items[:-1]) == expected.text
+    asyncio.run(abandon())
+    assert engine.generate("x", max_tokens=2).finish_reason in ("length", "stop")  # lock free
+    assert not engine.lock.locked()
