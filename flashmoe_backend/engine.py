@@ -99,7 +99,7 @@ class FlashMoE:
             prefill_step_size: prompt tokens per layer-major prefill chunk.
             prompt_cache_entries: how many prompt-prefix snapshots to keep for reuse (0: none).
         """
-        store = Path(store)
+        store = Path(store).expanduser()
         manifest = read_manifest(store)
         config = read_config(store)
         check_store(store, manifest, config)

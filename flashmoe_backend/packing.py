@@ -215,7 +215,7 @@ def _fsync_dir(path: Path) -> None:
 
 def pack(src: Path | str, dst: Path | str, options: PackOptions = PackOptions()) -> Manifest:
     """Pack the checkpoint at ``src`` into a new store at ``dst`` (which must not exist)."""
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if dst.exists():
         raise StoreError(f"{dst}: already exists; remove it or choose another destination")
     config = _read_source_config(src)
