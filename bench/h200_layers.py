@@ -68,7 +68,17 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-from flashmoe_backend import bench as fb  # noqa: E402
+from flashmoe_backend.bench.bandwidth import (  # noqa: E402
+    cold_read,
+    floor_per_token,
+    measure_disk,
+    open_direct,
+    pread_full,
+    random_records,
+)
+from flashmoe_backend.bench.pagecache import evict_page_cache, store_files  # noqa: E402
+from flashmoe_backend.bench.replay import release_memory  # noqa: E402
+from flashmoe_backend.bench.synthetic_store import expert_tensor_bytes, write_synthetic_store  # noqa: E402
 from flashmoe_backend.cache import DEFAULT_POLICY, ExpertCache  # noqa: E402
 from flashmoe_backend.reader import ExpertReader, ReaderConfig  # noqa: E402
 from flashmoe_backend.store import LayerSpec, Manifest, StoreError, checksum  # noqa: E402
@@ -211,34 +221,32 @@ def _np_view(record: np.ndarray, t) -> np.ndarray:
     return record[t.offset : t.offset + t.nbytes].view(carrier).reshape(t.shape)
 
 
+def _per_tensor(staged: np.ndarray, n: int, spec: LayerSpec, to_device) -> list[dict]:
+    """Each tensor of each record to the device on its own, by ``to_device``."""
+    rb = spec.record_bytes
+    out = []
+    for i in range(n):
+        rec = staged[i * rb : (i + 1) * rb]
+        w = {}
+        for t in spec.tensors:
+            a = to_device(_np_view(rec, t))
+            w[t.name] = a.view(mx.bfloat16) if t.dtype == "bfloat16" else a
+        out.append(w)
+    return out
+
+
 def upload(method: str, staged: np.ndarray, n: int, spec: LayerSpec) -> list[dict]:
     """Device arrays of ``n`` records lying back to back in ``staged`` (host memory)."""
     rb = spec.record_bytes
     if method == "per_tensor":  # what ExpertReader._to_mlx does
-        out = []
-        for i in range(n):
-            rec = staged[i * rb : (i + 1) * rb]
-            w = {}
-            for t in spec.tensors:
-                a = mx.array(_np_view(rec, t))
-                w[t.name] = a.view(mx.bfloat16) if t.dtype == "bfloat16" else a
-            out.append(w)
-        return out
+        return _per_tensor(staged, n, spec, mx.array)
     if method == "per_record":
         return [_tensor_views(mx.array(staged[i * rb : (i + 1) * rb]), 0, spec) for i in range(n)]
     if method == "per_batch":
         flat = mx.array(staged[: n * rb])
         return [_tensor_views(flat, i * rb, spec) for i in range(n)]
     if method == "dlpack":
-        out = []
-        for i in range(n):
-            rec = staged[i * rb : (i + 1) * rb]
-            w = {}
-            for t in spec.tensors:
-                a = mx.from_dlpack(_np_view(rec, t))
-                w[t.name] = a.view(mx.bfloat16) if t.dtype == "bfloat16" else a
-            out.append(w)
-        return out
+        return _per_tensor(staged, n, spec, mx.from_dlpack)
     raise ValueError(method)
 
 
@@ -255,12 +263,7 @@ class PhasedReader:
     def __init__(self, store: Path, manifest: Manifest, method: str, threads: int):
         self.manifest = manifest
         self.method = method
-        self.fds = []
-        for layer in manifest.layers:
-            try:
-                self.fds.append(os.open(store / layer.file, os.O_RDONLY | getattr(os, "O_DIRECT", 0)))
-            except OSError:
-                self.fds.append(os.open(store / layer.file, os.O_RDONLY))
+        self.fds = [open_direct(p)[0] for p in store_files(store, manifest)]
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="h200-io")
         self.verified: set[tuple[int, int]] = set()
         self.lock = threading.Lock()
@@ -269,17 +272,9 @@ class PhasedReader:
         self.upload_seconds = 0.0
         self.direct_failed = None
 
-    def _pread(self, fd: int, view: np.ndarray, offset: int) -> None:
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise StoreError("short read")
-            done += n
-
     def _load(self, layer: int, expert: int, view: np.ndarray) -> None:
         spec = self.manifest.layers[layer]
-        self._pread(self.fds[layer], view, expert * spec.record_bytes)
+        pread_full(self.fds[layer], view, expert * spec.record_bytes)
         key = (layer, expert)
         if key not in self.verified:
             if checksum(view) != spec.checksums[expert]:
@@ -512,8 +507,8 @@ def fresh(streamer: ExpertStreamer, reader, budget: int, policy: str, files) -> 
     streamer.reader = reader
     streamer.cache = ExpertCache(budget, policy)
     streamer.counters = StreamCounters()
-    fb.evict_page_cache(files)
-    fb._release_memory()
+    evict_page_cache(files)
+    release_memory()
 
 
 def measure_device_memory(store: Path, manifest: Manifest, records: int, repeats: int = 5) -> dict:
@@ -535,7 +530,7 @@ def measure_device_memory(store: Path, manifest: Manifest, records: int, repeats
 
 def floors(run: dict, rb: int, resident: int, disk_bw: float, mem_bw: float, up_bw: float | None) -> dict:
     n = run["tokens"]
-    floor = (run["misses"] * rb / disk_bw + (resident * n + run["hits"] * rb) / mem_bw) / n
+    floor = floor_per_token(n, run["misses"] * rb, resident * n + run["hits"] * rb, disk_bw, mem_bw)
     out = {
         "floor_seconds_per_token": floor,
         "measured_over_floor": run["seconds_per_token"] / floor,
@@ -603,7 +598,6 @@ def main(argv=None) -> dict:
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     started = time.perf_counter()
-    fb.ensure_reader_bf16()
     report: dict = {
         "config": {
             **s,
@@ -638,8 +632,7 @@ def main(argv=None) -> dict:
         # -- model and store ------------------------------------------------------------------
         dtype = mx.bfloat16
         model = build_model(s, args.seed)
-        record = sum(v[2] for v in fb.expert_layout(s["hidden"], s["intermediate"]).values())
-        need = s["layers"] * s["experts"] * record
+        need = s["layers"] * s["experts"] * expert_tensor_bytes(s["hidden"], s["intermediate"])
         free = shutil.disk_usage(args.workdir).free
         if need > free - 4 * GiB:
             raise SystemExit(
@@ -649,7 +642,7 @@ def main(argv=None) -> dict:
         log(f"writing {s['layers']} layers x {s['experts']} experts = {need / GiB:.1f} GiB")
         manifest = step(
             "write_store",
-            lambda: fb.write_synthetic_store(
+            lambda: write_synthetic_store(
                 store,
                 s["layers"],
                 s["experts"],
@@ -660,7 +653,7 @@ def main(argv=None) -> dict:
                 threads=min(s["layers"], os.cpu_count() or 1),
             ),
         )
-        files = fb.store_files(store, manifest)
+        files = store_files(store, manifest)
         rb = manifest.layers[0].record_bytes
         budget = int(args.budget_frac * manifest.expert_bytes) // rb * rb
         streamer = ExpertStreamer(
@@ -682,10 +675,10 @@ def main(argv=None) -> dict:
         rng = np.random.default_rng(args.seed)
         E, L = s["experts"], s["layers"]
         n_disk = min(L * E, max(8 * s["k"], int(3e9 // rb)))
-        keys = [(int(x // E), int(x % E)) for x in rng.choice(L * E, n_disk, replace=False)]
+        keys = random_records(rng, L, E, n_disk)
         disk = step(
             "disk",
-            lambda: fb.measure_disk(store, manifest, keys, max(1, round(0.7 * s["k"])), args.io_threads),
+            lambda: measure_disk(store, manifest, keys, max(1, round(0.7 * s["k"])), args.io_threads),
         )
         memory = step("memory", lambda: measure_device_memory(store, manifest, s["upload_records"] * 2))
         uploads = step("uploads", lambda: upload_study(store, manifest, s["upload_records"])) or []
@@ -776,14 +769,8 @@ def main(argv=None) -> dict:
             union = {}
             for layer, experts in calls:
                 union.setdefault(layer, set()).update(experts)
-            fb.evict_page_cache(files)
-            raw = fb.RawReader(store, manifest, args.io_threads)
-            try:
-                tic = time.perf_counter()
-                nbytes = sum(raw.read([(layer, e) for e in sorted(es)]) for layer, es in union.items())
-                one_pass = time.perf_counter() - tic
-            finally:
-                raw.close()
+            batches = [[(layer, e) for e in sorted(es)] for layer, es in union.items()]
+            nbytes, one_pass, _ = cold_read(store, manifest, batches, args.io_threads)
             return {
                 "prompt_tokens": s["prefill"],
                 "seconds": seconds,

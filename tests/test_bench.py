@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from flashmoe_backend import bench
-from flashmoe_backend import trace as tr
+from flashmoe_backend.bench import pagecache, policies
+from flashmoe_backend.bench import trace as tr
+from flashmoe_backend.bench.synthetic_store import synthetic_manifest, write_synthetic_store
 from flashmoe_backend.cache import ExpertCache
 from flashmoe_backend.store import StoreError, read_manifest
 
@@ -68,11 +70,11 @@ def test_belady_textbook_example():
 def test_belady_bounds_every_policy():
     spec = tr.TraceSpec(tokens=200, layers=2, experts=64, k=6, seed=2, spread=0.3)
     steps = list(tr.decode_steps(tr.generate_trace(spec)))
-    manifest = bench.synthetic_manifest(2, 64, 4096)
+    manifest = synthetic_manifest(2, 64, 4096)
     for capacity in (12, 32, 64):
         best = tr.belady(steps, capacity)["hit_rate"]
         for policy, options in (("lru", {}), ("lfu", {}), ("lfu", {"half_life": math.inf, "guard": 6})):
-            got = bench.simulate(steps, manifest, capacity * 4096, policy, **options)
+            got = policies.simulate(steps, manifest, capacity * 4096, policy, **options)
             assert got["hit_rate"] <= best + 1e-12
             assert got["bytes_peak"] <= capacity * 4096
             assert got["bytes_read"] == got["misses"] * 4096
@@ -139,8 +141,7 @@ def test_lfu_evictions_cost_about_what_lru_evictions_cost():
 def test_synthetic_store_is_a_real_store(tmp_path):
     from flashmoe_backend.reader import ExpertReader, ReaderConfig
 
-    bench.ensure_reader_bf16()
-    manifest = bench.write_synthetic_store(tmp_path / "s", layers=2, experts=8, hidden=128, intermediate=64)
+    manifest = write_synthetic_store(tmp_path / "s", layers=2, experts=8, hidden=128, intermediate=64)
     assert read_manifest(tmp_path / "s").to_json() == manifest.to_json()
     layer = manifest.layers[0]
     assert layer.record_bytes % 4096 == 0 and len(layer.checksums) == 8
@@ -166,17 +167,17 @@ def test_synthetic_store_is_a_real_store(tmp_path):
 
 
 def test_page_cache_budget_holds_the_store_pages(tmp_path):
-    manifest = bench.write_synthetic_store(tmp_path / "s", layers=1, experts=16, hidden=128, intermediate=64)
+    manifest = write_synthetic_store(tmp_path / "s", layers=1, experts=16, hidden=128, intermediate=64)
     store, rb = tmp_path / "s", manifest.layers[0].record_bytes
-    bench.evict_page_cache(bench.store_files(store, manifest))
-    limit = bench.PageCacheBudget(store, manifest, budget_bytes=4 * rb)
+    pagecache.evict_page_cache(pagecache.store_files(store, manifest))
+    limit = pagecache.PageCacheBudget(store, manifest, budget_bytes=4 * rb)
     with open(store / manifest.layers[0].file, "rb") as f:
         for e in range(16):
             f.seek(e * rb)
             f.read(rb)
             limit.access(0, [e])
     limit.close()
-    resident = bench.store_resident_bytes(store, manifest)
+    resident = pagecache.store_resident_bytes(store, manifest)
     if resident is not None:  # Linux
         assert resident <= 4 * rb
     assert limit.misses == 16 and limit.hits == 0

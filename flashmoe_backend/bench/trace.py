@@ -25,6 +25,7 @@ to that bound as the other statistics allow and ``check_stats`` judges coverage 
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -281,8 +282,6 @@ def belady(steps: Sequence[Step], capacity: int, start: int = 0) -> dict:
     resident: dict[tuple[int, int], int] = {}  # key -> its next use
     heap: list[tuple[int, tuple[int, int]]] = []
     hits = misses = hits_after = misses_after = 0
-    import heapq
-
     for s in range(n):
         layer, experts = steps[s]
         keys = [(layer, e) for e in experts]

@@ -1,0 +1,7 @@
+"""``python -m flashmoe_backend.bench synthetic|model ...``"""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
