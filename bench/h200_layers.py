@@ -27,7 +27,7 @@ and measures:
   the experts it needs; and the same layers with every expert in device memory (the mlx-lm
   speed ceiling), which also checks that the streamed layers compute the same logits.
 
-On the GPU machine (see /work/shared/tools/mlx-cuda.md), from the repository root:
+On the GPU machine (MLX's CUDA build: the project's shared tools notes, mlx-cuda.md), from the repository root:
 
     PYTHONPATH=$PWD python3 bench/h200_layers.py [--layers 8] [--workdir /tmp/h200]
 
@@ -555,7 +555,9 @@ def full_experts(model, store: Path, manifest: Manifest, s: dict):
         for i, spec in enumerate(manifest.layers):
             m = SwitchGLU(s["hidden"], s["intermediate"], s["experts"])
             nn.quantize(m, group_size=64, bits=4)
-            ws = reader.read(i, list(range(spec.num_experts)))
+            # In slices: one upload of all 512 records is a single array past MLX's int32 shapes.
+            ws = [w for lo in range(0, spec.num_experts, 64)
+                  for w in reader.read(i, list(range(lo, min(lo + 64, spec.num_experts))))]
             m.update(tree_unflatten([(t.name, mx.stack([w[t.name] for w in ws])) for t in spec.tensors]))
             mx.eval(m.parameters())
             modules.append(m)
@@ -627,6 +629,8 @@ def main(argv=None) -> dict:
             return None
         finally:
             report.setdefault("step_seconds", {})[name] = time.perf_counter() - tic
+            if os.environ.get("OUT"):  # what is done so far survives a run cut short
+                Path(os.environ["OUT"], "h200.partial.json").write_text(json.dumps(report, default=str))
 
     try:
         # -- model and store ------------------------------------------------------------------
