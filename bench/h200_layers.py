@@ -27,7 +27,7 @@ and measures:
   the experts it needs; and the same layers with every expert in device memory (the mlx-lm
   speed ceiling), which also checks that the streamed layers compute the same logits.
 
-On the GPU machine (MLX's CUDA build: the project's shared tools notes, mlx-cuda.md), from the repository root:
+On the GPU machine (with MLX's CUDA build), from the repository root:
 
     PYTHONPATH=$PWD python3 bench/h200_layers.py [--layers 8] [--workdir /tmp/h200]
 
@@ -630,6 +630,7 @@ def main(argv=None) -> dict:
         finally:
             report.setdefault("step_seconds", {})[name] = time.perf_counter() - tic
             if os.environ.get("OUT"):  # what is done so far survives a run cut short
+                Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
                 Path(os.environ["OUT"], "h200.partial.json").write_text(json.dumps(report, default=str))
 
     try:

@@ -189,7 +189,7 @@ class FlashMoE:
 
     def _run(self, prompt_ids: list[int], boundaries: list[int], params: GenerationParams,
              plan: OutputPlan, in_think: bool) -> Iterator[Chunk | GenerationResult]:
-        with self.lock:
+        with self.lock, self.streamer.record_steps() as steps:
             before = self._counters()
             tic = time.perf_counter()
             cache, reused = self._prefill(prompt_ids, boundaries)
@@ -206,6 +206,7 @@ class FlashMoE:
             for kind, text in markup.feed("", final=True):
                 yield Chunk(text, [], kind)
             stats = finish_stats(self._stats_since(before), tokens)
+            stats.steps = list(steps)
             stats.prompt_tokens = len(prompt_ids)
             stats.prompt_cached_tokens = reused
             stats.prompt_seconds += prefill_seconds
@@ -266,11 +267,16 @@ class FlashMoE:
     def _counters(self) -> tuple[CacheCounters, StreamCounters]:
         cache = self.streamer.cache
         cache.counters.bytes_peak = cache.counters.bytes  # peak of this generation from here
-        return copy.copy(cache.counters), copy.copy(self.streamer.counters)
+        return copy.copy(cache.counters), copy.deepcopy(self.streamer.counters)
 
     def _stats_since(self, before: tuple[CacheCounters, StreamCounters]) -> Stats:
         cache0, stream0 = before
         cache, stream = self.streamer.cache.counters, self.streamer.counters
+
+        def per_layer(name: str) -> list[int]:
+            now, then = getattr(stream, name), getattr(stream0, name)
+            return [n - (then[i] if i < len(then) else 0) for i, n in enumerate(now)]
+
         return Stats(
             hits=cache.hits - cache0.hits,
             misses=cache.misses - cache0.misses,
@@ -278,6 +284,9 @@ class FlashMoE:
             io_seconds=stream.io_seconds - stream0.io_seconds,
             cache_bytes=cache.bytes,
             cache_bytes_peak=cache.bytes_peak,
+            layer_hits=per_layer("layer_hits"),
+            layer_misses=per_layer("layer_misses"),
+            layer_bytes_read=per_layer("layer_bytes_read"),
         )
 
     def close(self) -> None:

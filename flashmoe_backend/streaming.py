@@ -12,7 +12,9 @@ that fit, each group evaluated before the next evicts it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,6 +24,7 @@ from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
 from .cache import ExpertCache
 from .reader import ExpertReader, ExpertWeights
+from .stats import Step
 from .store import LayerSpec, Manifest, StoreError
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
@@ -37,6 +40,16 @@ class StreamCounters:
     sync_seconds: float = 0.0  # waiting for the router's indices (the model's compute up to it)
     calls: int = 0
     groups: int = 0
+    # Per MoE layer (index: the layer's position in the manifest); grown as layers are seen.
+    layer_hits: list[int] = field(default_factory=list)
+    layer_misses: list[int] = field(default_factory=list)
+    layer_bytes_read: list[int] = field(default_factory=list)
+
+    def count_layer(self, layer: int, hits: int, misses: int, nbytes: int) -> None:
+        for counts, value in ((self.layer_hits, hits), (self.layer_misses, misses),
+                              (self.layer_bytes_read, nbytes)):
+            counts.extend([0] * (layer + 1 - len(counts)))
+            counts[layer] += value
 
 
 class ExpertStreamer:
@@ -47,6 +60,7 @@ class ExpertStreamer:
         self.reader = reader
         self.cache = cache
         self.counters = StreamCounters()
+        self.steps: list[Step] | None = None  # the forward passes, while recording
         largest = max(layer.record_bytes for layer in manifest.layers)
         if cache.budget_bytes < largest:
             raise ValueError(
@@ -69,23 +83,48 @@ class ExpertStreamer:
         ordered = cached + missing
         return [ordered[i : i + per_group] for i in range(0, len(ordered), per_group)]
 
+    @contextmanager
+    def record_steps(self) -> Iterator[list[Step]]:
+        """Record a ``Step`` per forward pass (a pass begins at MoE layer 0) into the list
+        yielded, until the block ends."""
+        self.steps = steps = []
+        try:
+            yield steps
+        finally:
+            self.steps = None
+
+    def begin_step(self, tokens: int) -> None:
+        if self.steps is not None:
+            self.steps.append(Step(tokens))
+
     def fetch(self, layer: int, experts: list[int]) -> list[ExpertWeights]:
         """Weights of the given experts, pinned in the cache until ``release``."""
         keys = [(layer, e) for e in experts]
         found = {e: self.cache.lookup(k) for e, k in zip(experts, keys, strict=True)}
         self.cache.pin(k for k in keys if k in self.cache)
         missing = [e for e in experts if found[e] is None]
+        nbytes, seconds = 0, 0.0
         if missing:
             spec = self.manifest.layers[layer]
             tic = time.perf_counter()
             loaded = self.reader.read(layer, missing)
-            self.counters.io_seconds += time.perf_counter() - tic
+            seconds = time.perf_counter() - tic
+            nbytes = len(missing) * spec.record_bytes
+            self.counters.io_seconds += seconds
             self.counters.experts_read += len(missing)
-            self.counters.bytes_read += len(missing) * spec.record_bytes
+            self.counters.bytes_read += nbytes
             for e, weights in zip(missing, loaded, strict=True):
                 self.cache.insert((layer, e), weights, spec.record_bytes)
                 self.cache.pin([(layer, e)])
                 found[e] = weights
+        hits = len(experts) - len(missing)
+        self.counters.count_layer(layer, hits, len(missing), nbytes)
+        if self.steps:
+            step = self.steps[-1]
+            step.hits += hits
+            step.misses += len(missing)
+            step.bytes_read += nbytes
+            step.io_seconds += seconds
         return [found[e] for e in experts]
 
     def release(self) -> None:
@@ -128,6 +167,8 @@ class StreamingSwitch(nn.Module):
         host = np.array(indices)  # the sync: the router's choice decides what to read
         streamer.counters.sync_seconds += time.perf_counter() - tic
         streamer.counters.calls += 1
+        if self._layer == 0:
+            streamer.begin_step(host.size // host.shape[-1])
         needed = np.unique(host).tolist()
         groups = streamer.plan_groups(self._layer, needed)
         streamer.counters.groups += len(groups)

@@ -253,22 +253,16 @@ def test_tiny_synthetic_report_invariants(tiny_report):
     assert p["seconds"] > 0 and p["one_pass_seconds"] > 0
 
 
-# -- real-model mode, on a tiny random store ---------------------------------------------------
+# -- real-model mode, on the embedded demo store ------------------------------------------------
 
 
 def test_model_mode_tiny(tmp_path):
-    from flashmoe_backend.demo import build_random_checkpoint
-    from flashmoe_backend.packing import PackOptions, pack
+    from flashmoe_backend.demo import default_store
 
-    pack(
-        build_random_checkpoint(tmp_path / "mlx"),
-        tmp_path / "store",
-        PackOptions(bits=4, group_size=32, progress=False),
-    )
     bench.main(
         [
             "model",
-            str(tmp_path / "store"),
+            str(default_store()),
             "--prompt-tokens",
             "40",
             "--max-tokens",
