@@ -87,3 +87,17 @@ def store_paths(request: pytest.FixtureRequest, tiny_store: Path, tiny_store_cop
     request.cls.store = str(tiny_store)
     request.cls.store_copy = str(tiny_store_copy)
     request.cls.cache_gb = CACHE_GB
+
+
+@pytest.fixture(scope="class")
+def demo_store_paths(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Like ``store_paths``, with flashmoe's embedded trained demo model (its store and a copy)."""
+    from flashmoe_backend.demo import default_store
+    from flashmoe_backend.store import read_manifest
+
+    store = default_store()
+    copy = tmp_path_factory.mktemp("lc-demo") / "store-copy"
+    shutil.copytree(store, copy)
+    request.cls.store = str(store)
+    request.cls.store_copy = str(copy)
+    request.cls.cache_gb = read_manifest(store).expert_bytes / 4 / 1024**3  # a quarter: real streaming
