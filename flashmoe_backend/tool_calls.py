@@ -1,4 +1,4 @@
-"""Tool calls in the model's own formats: validation, forcing grammars, parsing, auto mode.
+"""Tool calls in the model's own formats: parsing them back, and auto mode.
 
 Two formats, both wrapped in ``<tool_call>...</tool_call>``:
 
@@ -30,19 +30,32 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import mlx.core as mx
 
-from .json_schema import DEFAULT_WHITESPACE, FORMAT_REGEXES, regex_escape, schema_to_regex
+from .json_schema import DEFAULT_WHITESPACE
 from .structured import (
     ConstrainedLogitsProcessor,
     Constraint,
     StructuredOutputError,
     _read_new_tokens,
+)
+from .tool_grammar import _string_branches, bare_text_regex, tool_call_regex
+from .tool_specs import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    ToolFormat,
+    ToolSpec,
+    _check_fmt,
+    detect_tool_format,
+    new_call_id,
+    normalize_tool_choice,
+    normalize_tools,
 )
 from .vocabulary import Vocabulary
 
@@ -66,382 +79,6 @@ __all__ = [
     "tool_call_constraint",
     "tool_call_regex",
 ]
-
-ToolFormat = Literal["xml", "hermes"]
-TOOL_FORMATS: tuple[str, ...] = ("xml", "hermes")
-
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-
-#: Closing tags a bare XML string value must not contain (they would end it early on parsing).
-XML_CLOSERS: tuple[str, ...] = ("</parameter>", "</function>", "</tool_call>")
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
-
-
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
-
-
-# =============================================================================================
-# Tool specs and tool_choice
-# =============================================================================================
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    """A validated function tool."""
-
-    name: str
-    parameters: dict
-    description: str = ""
-
-    def to_openai(self) -> dict:
-        fn: dict[str, Any] = {"name": self.name}
-        if self.description:
-            fn["description"] = self.description
-        fn["parameters"] = self.parameters
-        return {"type": "function", "function": fn}
-
-
-def detect_tool_format(chat_template: str | None) -> ToolFormat:
-    """``"xml"`` if the chat template writes ``<function=`` (Qwen3.5 / Qwen3-Coder), else
-    ``"hermes"``."""
-    if chat_template and "<function=" in chat_template:
-        return "xml"
-    return "hermes"
-
-
-def _check_fmt(fmt: str) -> ToolFormat:
-    if fmt not in TOOL_FORMATS:
-        raise ValueError(f"unknown tool-call format {fmt!r}; expected 'xml' or 'hermes'")
-    return fmt  # type: ignore[return-value]
-
-
-def _spec_from_any(tool: Any, i: int) -> ToolSpec:
-    if isinstance(tool, ToolSpec):
-        return tool
-    try:
-        from pydantic import BaseModel
-
-        if isinstance(tool, type) and issubclass(tool, BaseModel):
-            return _spec_from_dict(
-                {
-                    "name": tool.__name__,
-                    "description": (tool.__doc__ or "").strip(),
-                    "parameters": tool.model_json_schema(),
-                },
-                i,
-            )
-    except ImportError:  # pragma: no cover
-        pass
-    if not isinstance(tool, dict):
-        raise ValueError(
-            f"tool #{i}: expected an OpenAI-style tool dict "
-            f"({{'type': 'function', 'function': {{...}}}}), got {type(tool).__name__}"
-        )
-    if "function" in tool:
-        if tool.get("type", "function") != "function":
-            raise ValueError(f"tool #{i}: only 'function' tools are supported, got {tool['type']!r}")
-        fn = tool["function"]
-        if not isinstance(fn, dict):
-            raise ValueError(f"tool #{i}: 'function' must be an object")
-        return _spec_from_dict(fn, i)
-    if tool.get("type") not in (None, "function"):
-        raise ValueError(f"tool #{i}: only 'function' tools are supported, got {tool['type']!r}")
-    return _spec_from_dict(tool, i)
-
-
-def _spec_from_dict(fn: dict, i: int) -> ToolSpec:
-    name = fn.get("name")
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"tool #{i}: missing function name")
-    if not _NAME_RE.match(name):
-        raise ValueError(
-            f"tool {name!r}: function names may only hold letters, digits, '_', '.', ':' and '-' "
-            "(at most 128)"
-        )
-    desc = fn.get("description") or ""
-    if not isinstance(desc, str):
-        raise ValueError(f"tool {name!r}: description must be a string")
-    params = fn.get("parameters", fn.get("input_schema"))
-    if params is None:
-        raise ValueError(
-            f"tool {name!r} has no 'parameters' JSON schema (use "
-            "{'type': 'object', 'properties': {}} for a tool without arguments)"
-        )
-    if not isinstance(params, dict):
-        raise ValueError(f"tool {name!r}: 'parameters' must be a JSON schema object")
-    ptype = params.get("type", "object" if "properties" in params else None)
-    if ptype != "object":
-        raise ValueError(
-            f"tool {name!r}: 'parameters' must be a schema of type 'object', got {ptype!r}"
-        )
-    props = params.get("properties", {})
-    if not isinstance(props, dict):
-        raise ValueError(f"tool {name!r}: 'parameters.properties' must be an object")
-    for p in props:
-        if not isinstance(p, str) or not p or any(c in p for c in "<>\n\r"):
-            raise ValueError(f"tool {name!r}: invalid parameter name {p!r}")
-    params = {**params, "type": "object", "properties": props}
-    try:
-        schema_to_regex(params)  # validates the schema (meta-schema, semantics, support)
-    except ValueError as exc:
-        raise ValueError(f"tool {name!r}: {exc}") from None
-    return ToolSpec(name=name, parameters=params, description=desc)
-
-
-def normalize_tools(tools: Iterable[Any] | None) -> list[ToolSpec]:
-    """Validate OpenAI-style tools (``{"type": "function", "function": {...}}``, the bare function
-    dict, or a Pydantic model class) into :class:`ToolSpec`; raises :class:`ValueError` for a
-    missing or malformed parameters schema or duplicate names."""
-    specs = [_spec_from_any(t, i) for i, t in enumerate(tools or [])]
-    seen: set[str] = set()
-    for s in specs:
-        if s.name in seen:
-            raise ValueError(f"duplicate tool name {s.name!r}")
-        seen.add(s.name)
-    return specs
-
-
-def normalize_tool_choice(
-    tool_choice: Any, tools: Sequence[ToolSpec]
-) -> tuple[str, str | None]:
-    """``(mode, name)`` with mode ``"none"``, ``"auto"``, ``"required"`` or ``"named"``.
-
-    Accepts ``None`` (auto when there are tools), the strings ``none``/``auto``/``required``
-    (``any`` = required), a tool name, ``{"type": "function", "function": {"name": N}}``,
-    ``{"type": "function", "name": N}`` and Anthropic's ``{"type": "tool"|"any"|"auto", ...}``.
-    Unknown names raise :class:`ValueError`.
-    """
-    names = [t.name for t in tools]
-    name: str | None = None
-    if tool_choice is None:
-        return ("auto", None) if tools else ("none", None)
-    if isinstance(tool_choice, str):
-        key = tool_choice.strip()
-        if key in ("none", "auto", "required", "any"):
-            mode = "required" if key == "any" else key
-            if mode == "required" and not tools:
-                raise ValueError("tool_choice 'required' needs at least one tool")
-            return mode, None
-        name = key
-    elif isinstance(tool_choice, dict):
-        t = tool_choice.get("type")
-        fn = tool_choice.get("function")
-        if isinstance(fn, dict):
-            name = fn.get("name")
-        elif t in ("function", "tool") and isinstance(tool_choice.get("name"), str):
-            name = tool_choice["name"]
-        elif t in ("none", "auto", "required", "any") and len(tool_choice) == 1:
-            return normalize_tool_choice(t, tools)
-        if not isinstance(name, str):
-            raise ValueError(f"cannot read a tool name from tool_choice {tool_choice!r}")
-    else:
-        raise ValueError(f"unsupported tool_choice {tool_choice!r}")
-    if name not in names:
-        raise ValueError(
-            f"tool_choice names unknown tool {name!r}; available: {names or 'none'}"
-        )
-    return "named", name
-
-
-# =============================================================================================
-# Grammars
-# =============================================================================================
-
-
-def bare_text_regex(forbidden: Sequence[str] = XML_CLOSERS) -> str:
-    """Regex for any text that contains none of ``forbidden`` (each of which starts with ``<``
-    and holds no other ``<``): the exact complement, built from the prefix trie of the words.
-
-    After a ``<`` the text either loops back to a new ``<``, leaves the trie on a character that
-    continues no forbidden word, or ends inside a proper prefix."""
-    words = []
-    for w in forbidden:
-        if not w.startswith("<") or "<" in w[1:] or len(w) < 2:
-            raise ValueError(f"forbidden word {w!r} must start with '<' and hold no other '<'")
-        words.append(w[1:])
-    nodes: dict[str, set[str]] = {}
-    for w in words:
-        for k in range(len(w)):
-            nodes.setdefault(w[:k], set()).add(w[k])
-    # A node that is itself a full forbidden word cannot be a node (unless it's a prefix of
-    # another word, which would make that word unreachable anyway).
-    for w in words:
-        nodes.pop(w, None)
-    nonempty = sorted(p for p in nodes if p)
-    pre = "(" + "|".join(regex_escape(p) for p in nonempty) + ")?" if nonempty else ""
-    loop = f"{pre}<"
-    exits = []
-    for p, children in sorted(nodes.items()):
-        cls = "".join(_class_escape(c) for c in sorted(children | {"<"}))
-        exits.append(regex_escape(p) + f"[^{cls}]")
-    exit_re = "(" + "|".join(exits) + ")"
-    return rf"([^<]|<({loop})*{exit_re})*(<({loop})*{pre})?"
-
-
-def _class_escape(c: str) -> str:
-    return "\\" + c if c in "\\]^-[&~" else c
-
-
-def _strip_anchors(pattern: str) -> str:
-    if pattern.startswith("^"):
-        pattern = pattern[1:]
-    if pattern.endswith("$") and not pattern.endswith("\\$"):
-        pattern = pattern[:-1]
-    return pattern
-
-
-def _resolve(schema: Any, root: dict) -> dict:
-    seen = 0
-    while isinstance(schema, dict) and "$ref" in schema and seen < 16:
-        ref = schema["$ref"]
-        if not isinstance(ref, str) or not ref.startswith("#/"):
-            return schema
-        node: Any = root
-        for part in ref[2:].split("/"):
-            part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(node, dict) or part not in node:
-                raise ValueError(f"unresolvable $ref {ref!r}")
-            node = node[part]
-        schema = node
-        seen += 1
-    return schema if isinstance(schema, dict) else {}
-
-
-def _string_branches(schema: dict, root: dict) -> tuple[list[dict], bool] | None:
-    """If every alternative of ``schema`` is a string (or null), return (string alternatives,
-    nullable); else None."""
-    schema = _resolve(schema, root)
-    if "const" in schema:
-        v = schema["const"]
-        return ([schema], False) if isinstance(v, str) else (([], True) if v is None else None)
-    if "enum" in schema:
-        vals = schema["enum"]
-        strs = [v for v in vals if isinstance(v, str)]
-        if strs and all(isinstance(v, str) or v is None for v in vals):
-            return [{"enum": strs}], any(v is None for v in vals)
-        return None
-    for key in ("anyOf", "oneOf"):
-        if key in schema:
-            out: list[dict] = []
-            nullable = False
-            for sub in schema[key]:
-                r = _string_branches(sub, root)
-                if r is None:
-                    return None
-                out += r[0]
-                nullable = nullable or r[1]
-            return (out, nullable) if out else None
-    t = schema.get("type")
-    if t == "string":
-        return [schema], False
-    if t == "null":
-        return [], True
-    if isinstance(t, list) and "string" in t and set(t) <= {"string", "null"}:
-        return [{**schema, "type": "string"}], "null" in t
-    return None
-
-
-def _bare_string_regex(s: dict) -> str:
-    if "const" in s:
-        return regex_escape(s["const"])
-    if "enum" in s:
-        return "(" + "|".join(regex_escape(v) for v in s["enum"]) + ")"
-    if "pattern" in s:
-        return "(" + _strip_anchors(s["pattern"]) + ")"
-    fmt = s.get("format")
-    if fmt in FORMAT_REGEXES:
-        return "(" + FORMAT_REGEXES[fmt] + ")"
-    if fmt == "uuid":
-        quoted = schema_to_regex({"type": "string", "format": fmt})
-        return "(" + quoted[1:-1] + ")"
-    lo, hi = s.get("minLength"), s.get("maxLength")
-    if lo is not None or hi is not None:
-        # Bounded strings: counted characters other than '<' (so no closing tag can appear).
-        return f"[^<]{{{lo or 0},{'' if hi is None else hi}}}"
-    return bare_text_regex()
-
-
-def _xml_value_regex(prop: dict, root: dict, ws: str | None) -> str:
-    branches = _string_branches(prop, root)
-    if branches is not None:
-        strs, nullable = branches
-        alts = [_bare_string_regex(s) for s in strs]
-        if nullable:
-            alts.append("null")
-        return "(" + "|".join(alts) + ")"
-    sub = dict(prop)
-    for k in ("$defs", "definitions"):
-        if k in root and k not in sub:
-            sub[k] = root[k]
-    return "(" + schema_to_regex(sub, ws) + ")"
-
-
-def _xml_call_regex(tool: ToolSpec, ws: str | None) -> str:
-    root = tool.parameters
-    props: dict = root.get("properties", {})
-    required = set(root.get("required", []))
-    parts = [r"<tool_call>\n<function=" + regex_escape(tool.name) + r">\n"]
-    for pname, pschema in props.items():
-        block = (
-            "<parameter=" + regex_escape(pname) + r">\n"
-            + _xml_value_regex(pschema, root, ws)
-            + r"\n</parameter>\n"
-        )
-        parts.append(block if pname in required else f"({block})?")
-    parts.append(r"</function>\n</tool_call>")
-    return "".join(parts)
-
-
-def _hermes_call_regex(tool: ToolSpec, ws: str | None) -> str:
-    args = schema_to_regex(tool.parameters, ws)
-    name = regex_escape(json.dumps(tool.name))
-    return (
-        r"<tool_call>\n\{\"name\": " + name + r", \"arguments\": (" + args + r")\}\n</tool_call>"
-    )
-
-
-def tool_call_regex(
-    tools: Iterable[Any],
-    tool_choice: Any = "required",
-    fmt: ToolFormat = "hermes",
-    parallel: bool = True,
-    *,
-    leading_whitespace: bool = True,
-    reasoning_prefix: bool = False,
-    whitespace_pattern: str | None = DEFAULT_WHITESPACE,
-) -> str:
-    """Regex for what the assistant writes after the generation prompt when it must call tools.
-
-    ``tool_choice``: ``"required"`` (or ``"auto"``: the same grammar, used by auto mode once the
-    model opens ``<tool_call>``) gives the union over all tools, a named tool just that one.
-    Each call's arguments satisfy that tool's JSON schema (XML: bare text for string parameters,
-    JSON for the others; required parameters present, optional ones may be omitted, in the
-    schema's order). ``parallel`` allows one or more calls separated by a newline.
-    ``leading_whitespace`` allows up to two newlines first; ``reasoning_prefix`` allows a
-    ``...</think>`` reasoning block first (for prompts that end inside ``<think>``).
-    """
-    fmt = _check_fmt(fmt)
-    specs = normalize_tools(tools)
-    if not specs:
-        raise ValueError("no tools to call")
-    mode, name = normalize_tool_choice(tool_choice, specs)
-    if mode == "none":
-        raise ValueError("tool_choice 'none' has no tool-call grammar")
-    chosen = [s for s in specs if s.name == name] if mode == "named" else specs
-    build = _xml_call_regex if fmt == "xml" else _hermes_call_regex
-    one = "(" + "|".join(build(s, whitespace_pattern) for s in chosen) + ")"
-    calls = rf"{one}(\n{one})*" if parallel else one
-    prefix = ""
-    if reasoning_prefix:
-        prefix += "(" + bare_text_regex((THINK_CLOSE,)) + r"</think>\n{0,2})?"
-    if leading_whitespace:
-        prefix += r"\n{0,2}"
-    return prefix + calls
 
 
 def tool_call_constraint(
@@ -470,11 +107,6 @@ def tool_call_constraint(
 
     return Constraint(regex, tokenizer, kind="tool_calls", parser=parse,
                       description=f"{fmt} tool call")
-
-
-# =============================================================================================
-# Parsing
-# =============================================================================================
 
 
 @dataclass

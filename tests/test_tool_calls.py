@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from flashmoe_backend.tool_calls import (
-    XML_CLOSERS,
     AutoToolProcessor,
     ToolCall,
     bare_text_regex,
@@ -25,6 +24,7 @@ from flashmoe_backend.tool_calls import (
     tool_call_constraint,
     tool_call_regex,
 )
+from flashmoe_backend.tool_specs import XML_CLOSERS
 from flashmoe_backend.vocabulary import Vocabulary
 
 
