@@ -46,8 +46,9 @@ def default_store() -> Path:
 
 
 def fake_weather(city: str, unit: str = "celsius") -> dict:
-    """The demo's tool: a canned answer, so that the demo stays offline."""
-    return {"city": city, "temperature": 21 if unit == "celsius" else 70, "condition": "sunny"}
+    """The demo's tool: a canned answer, so that the demo stays offline (the fields of the
+    weather results the demo model was trained on)."""
+    return {"temperature": 21 if unit == "celsius" else 70, "condition": "sunny", "humidity": 40}
 
 
 def run_demo(cache_gb: float | None = None, max_tokens: int = 48) -> int:

@@ -28,6 +28,7 @@ from .generate import (
     encode_prompt,
     finish_stats,
 )
+from .kernels.gated_delta import install_fast_gated_delta
 from .output import MarkupFilter, OutputPlan, prompt_in_think
 from .prompt_cache import PromptCache, message_boundaries, prefill
 from .reader import ExpertReader, PageCache, ReaderConfig, Verify
@@ -103,6 +104,7 @@ class FlashMoE:
         manifest = read_manifest(store)
         config = read_config(store)
         check_store(store, manifest, config)
+        install_fast_gated_delta()  # mlx-lm's fast GatedDeltaNet path is Metal-only
         cache = ExpertCache(int(cache_gb * GB), policy=policy)
         reader = ExpertReader(store, manifest, ReaderConfig(io_threads, page_cache, verify))
         streamer = ExpertStreamer(manifest, reader, cache)

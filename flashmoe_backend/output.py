@@ -154,13 +154,18 @@ class CloseInTime:
     def __call__(self, tokens, logits):
         logits = self.inner(tokens, logits)
         left = self.max_tokens - len(self.inner.generated_ids)  # including this step's token
-        if left > self.max_dist + 1 or self.inner.is_complete:
+        if left > self.max_dist + 1 or self.inner.eos_generated:
             return logits
         index, state = self.inner.index, self.inner.guide.get_state()
         # The index ends in an end-of-text sentinel that is never generated: one step less.
         spare = 1 if getattr(self.inner, "_sentinel", None) is not None else 0
+        eos = set(self.inner.vocabulary.eos_token_ids)
         keep = []
         for t in self.inner.allowed_token_ids():
+            if t in eos:  # allowed only on a full match: ending is always in time
+                keep.append(t)
+                continue
+            # A full match may go on (another parallel call): only where it can end in time.
             nxt = index.get_next_state(state, t)
             if nxt is not None and self.dist.get(nxt, left + spare) - spare <= left - 1:
                 keep.append(t)

@@ -23,6 +23,7 @@ from mlx.utils import tree_unflatten
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
 from .cache import ExpertCache
+from .grouped_experts import grouped_switch, use_grouped
 from .reader import ExpertReader, ExpertWeights
 from .stats import Step
 from .store import LayerSpec, Manifest, StoreError
@@ -159,7 +160,10 @@ class StreamingSwitch(nn.Module):
         # Expert ids -> stack slots; monotonic, so SwitchGLU's sort order is unchanged.
         slot = np.zeros(max(experts) + 1, dtype=np.int64)
         slot[experts] = np.arange(len(experts))
-        return template(x, mx.array(slot[host], dtype=dtype))
+        slots = slot[host]
+        if use_grouped(template, slots):
+            return grouped_switch(template, x, slots)
+        return template(x, mx.array(slots, dtype=dtype))
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         streamer = self._streamer

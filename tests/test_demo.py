@@ -19,3 +19,28 @@ def test_demo_answers_from_the_document_and_calls_the_tool(capsys):
     assert out.splitlines()[0].strip() == "pharmacist"  # the answer, copied from the document
     assert 'tool call: get_weather({"city": "Lisbon"})' in err
     assert "hit rate" in err and "MiB read" in err
+
+
+MAGIC = {"type": "function", "function": {
+    "name": "magic_function", "description": "Apply a magic function to an input.",
+    "parameters": {"type": "object", "properties": {"input": {"type": "integer"}}, "required": ["input"]}}}
+
+
+def test_forced_call_ends_in_time_when_the_model_would_open_another():
+    # The demo model follows its call with a second, parallel one; with 64 tokens the second
+    # cannot finish, so the constraint must end after the first (a regression: it used to stop
+    # constraining on the first full match and return one invalid, truncated call).
+    from flashmoe_backend import FlashMoE
+
+    engine = FlashMoE.load(default_store(), cache_gb=0.01)
+    ask = [{"role": "user", "content": "What is the value of magic_function(3)? Use the tool."}]
+    result = engine.generate(ask, tools=[MAGIC], tool_choice="required", max_tokens=64,
+                             enable_thinking=False)
+    assert result.finish_reason == "tool_calls", result.raw_text
+    assert [c.name for c in result.tool_calls] == ["magic_function"]
+    assert isinstance(result.tool_calls[0].arguments["input"], int)
+    assert not result.invalid_tool_calls
+    # With room for both, the second call is the model's choice and stays allowed.
+    roomy = engine.generate(ask, tools=[MAGIC], tool_choice="required", max_tokens=160,
+                            enable_thinking=False)
+    assert roomy.finish_reason == "tool_calls" and not roomy.invalid_tool_calls

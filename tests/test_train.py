@@ -209,3 +209,16 @@ def test_tiny_training_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
         assert result.stats.generated_tokens >= 1
     finally:
         engine.close()
+
+
+def test_parse_mix():
+    import argparse
+
+    pytest.importorskip("torch", reason="train/train.py needs torch (the dev extra installs it)")
+    from train.train import parse_mix
+
+    assert parse_mix("qa=0.45,tool=0.35,json=0.12,chat=0.08") == {
+        "qa": 0.45, "tool": 0.35, "json": 0.12, "chat": 0.08}
+    with pytest.raises(argparse.ArgumentTypeError, match="'poems=1'"):
+        parse_mix("qa=1,poems=1")
+    assert data.example(5, 0, mix={"json": 1.0}).kind == "json"

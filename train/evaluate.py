@@ -53,8 +53,9 @@ class Cell:
             self.scores.setdefault(k, []).append(float(v))
         if tps:
             self.tps.append(tps)
-        if example is not None and len(self.examples) < 3:
-            self.examples.append(example)
+        failed = not all(scores.values())
+        if example is not None and (len(self.examples) < 3 or failed):  # the failures, for diagnosis
+            self.examples.append({**example, "failed": failed})
 
     def summary(self) -> dict:
         out = {k: sum(v) / len(v) for k, v in self.scores.items() if v}

@@ -129,8 +129,9 @@ class Batches(IterableDataset):
     ``batch_tokens`` tokens (padding included), which it yields in random order as numpy arrays
     (cheap to pass between processes): see :func:`collate`."""
 
-    def __init__(self, tok_dir: str, seed: int, max_len: int, batch_tokens: int, pool: int, pad_id: int):
-        self.tok_dir, self.seed, self.max_len = tok_dir, seed, max_len
+    def __init__(self, tok_dir: str, seed: int, max_len: int, batch_tokens: int, pool: int, pad_id: int,
+                 mix: dict[str, float] | None = None):
+        self.tok_dir, self.seed, self.max_len, self.mix = tok_dir, seed, max_len, mix
         self.batch_tokens, self.pool, self.pad_id = batch_tokens, pool, pad_id
 
     def __iter__(self):
@@ -142,7 +143,7 @@ class Batches(IterableDataset):
         rng = random.Random(f"{self.seed}:{wid}")
         i, buf = wid, []
         while True:
-            buf += data.encode(tok, data.example(self.seed, i), self.max_len)
+            buf += data.encode(tok, data.example(self.seed, i, mix=self.mix), self.max_len)
             i += nw
             if len(buf) < self.pool:
                 continue
@@ -368,6 +369,17 @@ def pick_experts_impl(model, requested: str, device, autocast, vocab: int) -> st
     raise RuntimeError("no experts implementation works on this device")
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """``qa=0.45,tool=0.35,...`` -> weights per corpus kind (unknown kinds are an error)."""
+    mix = {}
+    for part in text.split(","):
+        kind, _, weight = part.partition("=")
+        if kind not in data.KINDS or not weight:
+            raise argparse.ArgumentTypeError(f"--mix: {part!r} is not KIND=WEIGHT with KIND in {data.KINDS}")
+        mix[kind] = float(weight)
+    return mix
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
@@ -384,6 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=None, help="warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--mix", type=parse_mix, default=None,
+                   help="task weights, e.g. qa=0.45,tool=0.35,json=0.12,chat=0.08 (default data.DEFAULT_MIX)")
     p.add_argument("--batch-tokens", type=int, default=None, help="tokens per batch, padding included")
     p.add_argument("--max-len", type=int, default=None, help="drop longer sequences")
     p.add_argument("--replay", type=int, default=None,
@@ -484,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_sets = held_out(tok, 4 if tiny_mode else 48, max_len)
     initial_eval = evaluate_loss(model, eval_sets, pad_id, device, autocast)
     pool = 64 if tiny_mode else max(256, 4 * batch_tokens // 400)
-    dataset = Batches(str(tok_dir), args.seed, max_len, batch_tokens, pool, pad_id)
+    dataset = Batches(str(tok_dir), args.seed, max_len, batch_tokens, pool, pad_id, args.mix)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                         prefetch_factor=4 if workers else None, persistent_workers=False)
     replay = args.replay if args.replay is not None else not tiny_mode
