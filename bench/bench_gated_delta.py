@@ -40,12 +40,9 @@ if "flashmoe_backend" not in sys.modules:
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.gated_delta import compute_g, gated_delta_ops  # noqa: E402
 
-from flashmoe_backend.kernels.gated_delta import (  # noqa: E402
-    CPU_CHUNK,
-    _cuda_available,
-    gated_delta_chunked,
-    gated_delta_cuda,
-)
+from flashmoe_backend.kernels.gated_delta import CPU_CHUNK  # noqa: E402
+from flashmoe_backend.kernels.gated_delta_chunked import gated_delta_chunked  # noqa: E402
+from flashmoe_backend.kernels.gated_delta_cuda import cuda_available, gated_delta_cuda  # noqa: E402
 
 # name: (B, Hk, Hv, Dk, Dv)
 CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
@@ -104,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = mx.default_device()
-    with_cuda = device == mx.gpu and _cuda_available()
+    with_cuda = device == mx.gpu and cuda_available()
     jobs = [("small", T) for T in args.lengths] + [("qwen3.5-397b", T) for T in args.qwen_lengths]
 
     rows = []

@@ -45,7 +45,9 @@ from mlx_lm.models import qwen3_5  # noqa: E402
 from mlx_lm.models.cache import ArraysCache, KVCache  # noqa: E402
 
 from flashmoe_backend.grouped_experts import grouped_switch  # noqa: E402
-from flashmoe_backend.kernels import gated_delta as fast_gdn  # noqa: E402
+from flashmoe_backend.kernels.gated_delta import fast_gated_delta  # noqa: E402
+from flashmoe_backend.kernels.gated_delta_chunked import gated_delta_chunked  # noqa: E402
+from flashmoe_backend.kernels.gated_delta_cuda import gated_delta_cuda  # noqa: E402
 
 
 def timed(fn, reps: int, slow: float = 2.0) -> float:
@@ -121,9 +123,9 @@ def recurrence_inputs(s: dict, tokens: int, dtype):
 
 def bench_recurrence(s: dict, tokens: int, reps: int, dtype, skip_baselines: bool) -> dict:
     inputs = recurrence_inputs(s, tokens, dtype)
-    paths = {"mlx_lm_ops": mlx_gdn.gated_delta_ops, "chunked": fast_gdn.gated_delta_chunked}
+    paths = {"mlx_lm_ops": mlx_gdn.gated_delta_ops, "chunked": gated_delta_chunked}
     if mx.default_device() == mx.gpu and mx.cuda.is_available():
-        paths["cuda_kernel"] = fast_gdn.gated_delta_cuda
+        paths["cuda_kernel"] = gated_delta_cuda
     reference = paths["mlx_lm_ops"](*inputs)
     out = {}
     for name, fn in paths.items():
@@ -148,7 +150,7 @@ def bench_layers(s: dict, tokens: int, reps: int, dtype, skip_baselines: bool) -
     quantize_resident(gdn, dtype)
     if not skip_baselines:
         out["gdn_layer_mlx_lm"] = timed(lambda: gdn(x, None, ArraysCache(size=2)), reps)
-    with fast_gdn.fast_gated_delta():
+    with fast_gated_delta():
         out["gdn_layer_fast"] = timed(lambda: gdn(x, None, ArraysCache(size=2)), reps)
 
     attn = qwen3_5.Attention(args).eval()

@@ -312,3 +312,29 @@ def test_h200_layers_tiny(tmp_path, monkeypatch):
     assert report["upload_methods"] and all(m["ok"] is not None for m in report["upload_methods"])
     assert report["checks"]["outputs_match_in_memory_reference"]
     assert not (tmp_path / "work" / "store").exists()
+
+
+def test_h200_prefill_tiny(tmp_path, monkeypatch):
+    script = _load_script("h200_prefill")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    report = script.main(["--tiny", "--reps", "1"])
+    recurrence = report["recurrence"]
+    assert set(recurrence) == {"mlx_lm_ops", "chunked"}  # no CUDA here
+    assert recurrence["chunked"]["max_abs_diff_y"] < 1e-5
+    assert recurrence["chunked"]["max_abs_diff_state"] < 1e-5
+    layers = report["layers"]
+    assert layers["experts_grouped_max_abs_diff"] < 1e-4
+    for name in ("gdn_layer_mlx_lm", "gdn_layer_fast", "attention_layer", "router_topk", "experts",
+                 "experts_grouped", "shared_expert", "moe_block", "experts_floor"):
+        assert layers[name] > 0, name
+    assert json.loads((tmp_path / "h200_prefill.json").read_text())["config"]["tokens"] == 24
+    assert (tmp_path / "h200_prefill.md").read_text().startswith("Prefill of 24 tokens")
+
+
+def test_bench_gated_delta_tiny(tmp_path):
+    script = _load_script("bench_gated_delta")
+    out = tmp_path / "gdn.json"
+    assert script.main(["--lengths", "40", "--qwen-lengths", "--repeats", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["T"] == 40 and row["ops_ms"] > 0 and row["chunked_ms"] > 0
+    assert row["chunked_max_abs_dy"] < 1e-5 and row["chunked_max_abs_dstate"] < 1e-5

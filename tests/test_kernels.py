@@ -22,6 +22,8 @@ import pytest
 from mlx_lm.models import gated_delta as mlx_gd
 
 import flashmoe_backend.kernels.gated_delta as gd
+import flashmoe_backend.kernels.gated_delta_chunked as chunked_mod
+import flashmoe_backend.kernels.gated_delta_cuda as cuda_mod
 
 CUDA = mx.cuda.is_available()
 
@@ -188,10 +190,11 @@ def test_unit_lower_inverse(n):
     ones = mx.tril(mx.ones((2, n, n)), -1)
     for a in (realistic, ones):
         for lapack in (True, False):
-            inv = gd._unit_lower_inverse(a, lapack=lapack)
+            inv = chunked_mod._unit_lower_inverse(a, lapack=lapack)
             _assert_close(inv @ (eye + a), mx.broadcast_to(eye, a.shape))
     bidiagonal = eye - mx.eye(n, k=-1)
-    _assert_close(gd._unit_lower_inverse(ones, lapack=False), mx.broadcast_to(bidiagonal, ones.shape), rel=0)
+    inverse = chunked_mod._unit_lower_inverse(ones, lapack=False)
+    _assert_close(inverse, mx.broadcast_to(bidiagonal, ones.shape), rel=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,9 +335,9 @@ def test_cuda_wrapper_checks_arguments():
     if not CUDA:
         with pytest.raises(RuntimeError, match="CUDA"):
             gd.gated_delta_cuda(*_kernel_args(x))
-    header, body = gd._cuda_kernel_source(has_mask=True)
+    header, body = cuda_mod._cuda_kernel_source(has_mask=True)
     assert "q_shape[1]" in body and "__shfl_xor_sync" in header and "mask_b[" in body
-    assert "mask_b" not in gd._cuda_kernel_source(has_mask=False)[1]
+    assert "mask_b" not in cuda_mod._cuda_kernel_source(has_mask=False)[1]
 
 
 _TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16"}
@@ -345,7 +348,7 @@ def _mlx_style_kernel(name: str, has_mask: bool, dtype: mx.Dtype, dims: dict[str
     build_kernel): signature from the input/output names and dtypes, ``<name>_shape`` for inputs
     whose name_shape the source mentions, template args as ``using`` / ``constexpr int``, then the
     body, all inside ``namespace mlx::core::cu``. Our header goes before it."""
-    header, body = gd._cuda_kernel_source(has_mask)
+    header, body = cuda_mod._cuda_kernel_source(has_mask)
     t = _TYPES[dtype]
     inputs = [("q", t), ("k", t), ("v", t), ("g", "float"), ("beta", "float"), ("state_in", "float")]
     if has_mask:
@@ -483,7 +486,7 @@ def cuda_source_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tu
         stub = root / "mlx/backend/cuda/device/utils.cuh"
         stub.parent.mkdir(parents=True)
         stub.write_text(_UTILS_STUB)
-        source = _MLX_DEFAULT_HEADER + gd._cuda_kernel_source(False)[0]
+        source = _MLX_DEFAULT_HEADER + cuda_mod._cuda_kernel_source(False)[0]
         dims = {"Dk": 128, "Dv": 128, "Hk": 16, "Hv": 64}
         variants = [(mx.float32, False), (mx.float32, True), (mx.float16, False), (mx.bfloat16, True)]
         for i, (dtype, has_mask) in enumerate(variants):
@@ -493,10 +496,11 @@ def cuda_source_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tu
         jobs["nvcc"] = (_start(cmd, root), root / "k.ptx")
     if shutil.which("g++"):
         dims = {n: _EMU[n] for n in ("Dk", "Dv", "Hk", "Hv")}
-        source = _EMULATION_PRELUDE + gd._cuda_kernel_source(False)[0]
+        source = _EMULATION_PRELUDE + cuda_mod._cuda_kernel_source(False)[0]
         for name, has_mask in (("plain", False), ("masked", True)):
             source += _mlx_style_kernel(name, has_mask, mx.float32, dims)
-            source += _emulation_launcher(name, has_mask, _EMU["Hv"], _EMU["Dv"], gd._CUDA_ROWS_PER_BLOCK)
+            rows = cuda_mod._CUDA_ROWS_PER_BLOCK
+            source += _emulation_launcher(name, has_mask, _EMU["Hv"], _EMU["Dv"], rows)
         (root / "emu.cpp").write_text(source)
         cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
                "emu.cpp", "-o", "emu.so"]

@@ -1,11 +1,13 @@
-"""Custom kernels for the models flashmoe runs.
+"""Custom kernels for the models flashmoe runs, each tested against a plain-MLX reference
+(``tests/test_kernels.py``).
 
-Each kernel here is tested against a plain-MLX reference (``tests/test_kernels.py``):
+The GatedDeltaNet recurrence of Qwen3.5 / Qwen3-Next, whose fast path in mlx-lm is Metal-only:
 
-* :mod:`flashmoe_backend.kernels.gated_delta`: the GatedDeltaNet recurrence of Qwen3.5 /
-  Qwen3-Next, chunked (matmul) form for CPU and a CUDA kernel for MLX's CUDA backend, plus
-  :func:`~flashmoe_backend.kernels.gated_delta.install_fast_gated_delta` to route mlx-lm's
-  models through them.
+* :mod:`.gated_delta_contract`: the recurrence and the shapes every implementation keeps;
+* :mod:`.gated_delta_chunked`: the chunked (matmul) form, for CPU;
+* :mod:`.gated_delta_cuda`: a CUDA kernel, for MLX's CUDA backend;
+* :mod:`.gated_delta`: picks one per device and routes mlx-lm's models through it
+  (:func:`~.gated_delta.install_fast_gated_delta`, called by ``FlashMoE.load``).
 
 Submodules are imported on demand, so importing this package costs nothing.
 """
