@@ -23,20 +23,11 @@ import platform
 import statistics
 import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-if "flashmoe_backend" not in sys.modules:
-    # Only the kernels are needed; the package's __init__ also imports the generation stack
-    # (outlines, ...), which the GPU image lacks.
-    _package = types.ModuleType("flashmoe_backend")
-    _package.__path__ = [str(ROOT / "flashmoe_backend")]
-    sys.modules["flashmoe_backend"] = _package
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engine_only  # noqa: E402, F401  (first: flashmoe_backend without its package extras)
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.gated_delta import compute_g, gated_delta_ops  # noqa: E402
 
@@ -51,14 +42,16 @@ CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
 }
 
 
-def make_inputs(B: int, T: int, Hk: int, Hv: int, Dk: int, Dv: int, seed: int = 0) -> tuple:
-    """Realistic inputs: unit-norm k, q scaled by Dk**-0.5, mlx-lm's gate formula."""
+def make_inputs(B: int, T: int, Hk: int, Hv: int, Dk: int, Dv: int, seed: int = 0,
+                dtype: mx.Dtype = mx.float32) -> tuple:
+    """Realistic inputs: unit-norm k, q scaled by Dk**-0.5, mlx-lm's gate formula; q, k, v in
+    ``dtype``, the gates and the state float32 (as the models pass them)."""
     mx.random.seed(seed)
     q = mx.random.normal((B, T, Hk, Dk))
     k = mx.random.normal((B, T, Hk, Dk))
-    q = q / mx.linalg.norm(q, axis=-1, keepdims=True) * Dk**-0.5
-    k = k / mx.linalg.norm(k, axis=-1, keepdims=True)
-    v = mx.random.normal((B, T, Hv, Dv))
+    q = (q / mx.linalg.norm(q, axis=-1, keepdims=True) * Dk**-0.5).astype(dtype)
+    k = (k / mx.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+    v = mx.random.normal((B, T, Hv, Dv)).astype(dtype)
     a = mx.random.normal((B, T, Hv))
     A_log = mx.log(mx.random.uniform(1.0, 16.0, (Hv,)))
     g = compute_g(A_log, a, mx.ones((Hv,)))

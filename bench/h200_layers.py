@@ -40,49 +40,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import shutil
 import sys
-import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-if "flashmoe_backend" not in sys.modules:
-    # Only the engine's streaming modules are needed; the package's __init__ also imports the
-    # generation and structured-output stack (outlines, ...), which the GPU image lacks.
-    import types
-
-    _package = types.ModuleType("flashmoe_backend")
-    _package.__path__ = [str(ROOT / "flashmoe_backend")]
-    sys.modules["flashmoe_backend"] = _package
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engine_only  # noqa: E402, F401  (first: flashmoe_backend without its package extras)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+from h200_upload import PhasedReader, upload_study  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-from flashmoe_backend.bench.bandwidth import (  # noqa: E402
-    cold_read,
-    floor_per_token,
-    measure_disk,
-    open_direct,
-    pread_full,
-    random_records,
-)
+from flashmoe_backend.bench.bandwidth import cold_read, floor_per_token, measure_disk, random_records  # noqa: E402
 from flashmoe_backend.bench.pagecache import evict_page_cache, store_files  # noqa: E402
 from flashmoe_backend.bench.replay import release_memory  # noqa: E402
 from flashmoe_backend.bench.synthetic_store import expert_tensor_bytes, write_synthetic_store  # noqa: E402
 from flashmoe_backend.cache import DEFAULT_POLICY, ExpertCache  # noqa: E402
 from flashmoe_backend.kernels.gated_delta import install_fast_gated_delta  # noqa: E402
 from flashmoe_backend.reader import ExpertReader, ReaderConfig  # noqa: E402
-from flashmoe_backend.store import LayerSpec, Manifest, StoreError, checksum  # noqa: E402
+from flashmoe_backend.store import Manifest  # noqa: E402
 from flashmoe_backend.streaming import ExpertStreamer, StreamCounters, install_streaming  # noqa: E402
 
 GiB = 1024**3
@@ -201,196 +182,6 @@ def finish_resident(model, dtype) -> int:
     embed = sum(v.nbytes for k, v in params.items() if ".embed_tokens." in k)
     rows = model.language_model.args.vocab_size
     return total - embed + embed // rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Readers: the phased one splits disk time from upload time, with a choice of upload path
-# ---------------------------------------------------------------------------------------------
-
-UPLOADS = ("per_tensor", "per_record", "per_batch", "dlpack", "into_mlx")
-
-
-def _tensor_views(flat: mx.array, base: int, spec: LayerSpec) -> dict:
-    """The expert's tensors as views of a uint8 MLX array holding its record at ``base``."""
-    return {
-        t.name: flat[base + t.offset : base + t.offset + t.nbytes].view(getattr(mx, t.dtype)).reshape(t.shape)
-        for t in spec.tensors
-    }
-
-
-def _np_view(record: np.ndarray, t) -> np.ndarray:
-    carrier = np.uint16 if t.dtype == "bfloat16" else np.dtype(t.dtype)
-    return record[t.offset : t.offset + t.nbytes].view(carrier).reshape(t.shape)
-
-
-def _per_tensor(staged: np.ndarray, n: int, spec: LayerSpec, to_device) -> list[dict]:
-    """Each tensor of each record to the device on its own, by ``to_device``."""
-    rb = spec.record_bytes
-    out = []
-    for i in range(n):
-        rec = staged[i * rb : (i + 1) * rb]
-        w = {}
-        for t in spec.tensors:
-            a = to_device(_np_view(rec, t))
-            w[t.name] = a.view(mx.bfloat16) if t.dtype == "bfloat16" else a
-        out.append(w)
-    return out
-
-
-def upload(method: str, staged: np.ndarray, n: int, spec: LayerSpec) -> list[dict]:
-    """Device arrays of ``n`` records lying back to back in ``staged`` (host memory)."""
-    rb = spec.record_bytes
-    if method == "per_tensor":  # what ExpertReader._to_mlx does
-        return _per_tensor(staged, n, spec, mx.array)
-    if method == "per_record":
-        return [_tensor_views(mx.array(staged[i * rb : (i + 1) * rb]), 0, spec) for i in range(n)]
-    if method == "per_batch":
-        flat = mx.array(staged[: n * rb])
-        return [_tensor_views(flat, i * rb, spec) for i in range(n)]
-    if method == "dlpack":
-        return _per_tensor(staged, n, spec, mx.from_dlpack)
-    raise ValueError(method)
-
-
-def _host_view(a: mx.array) -> np.ndarray:
-    """A writable host view of an evaluated MLX array's memory (no copy where supported)."""
-    return np.frombuffer(memoryview(a).cast("B"), dtype=np.uint8)
-
-
-class PhasedReader:
-    """Same ``read(layer, experts)`` as ExpertReader (checksums on first read, O_DIRECT), but in
-    two timed phases: all records of the call from disk into host memory, then to the device with
-    ``method``. ``into_mlx`` reads straight into MLX-owned buffers (no separate upload)."""
-
-    def __init__(self, store: Path, manifest: Manifest, method: str, threads: int):
-        self.manifest = manifest
-        self.method = method
-        self.fds = [open_direct(p)[0] for p in store_files(store, manifest)]
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="h200-io")
-        self.verified: set[tuple[int, int]] = set()
-        self.lock = threading.Lock()
-        self.staging = np.empty(0, dtype=np.uint8)
-        self.io_seconds = 0.0
-        self.upload_seconds = 0.0
-        self.direct_failed = None
-
-    def _load(self, layer: int, expert: int, view: np.ndarray) -> None:
-        spec = self.manifest.layers[layer]
-        pread_full(self.fds[layer], view, expert * spec.record_bytes)
-        key = (layer, expert)
-        if key not in self.verified:
-            if checksum(view) != spec.checksums[expert]:
-                raise StoreError(f"checksum mismatch in layer {layer} expert {expert}")
-            with self.lock:
-                self.verified.add(key)
-
-    def read(self, layer: int, experts: list[int]) -> list[dict]:
-        spec = self.manifest.layers[layer]
-        rb, n = spec.record_bytes, len(experts)
-        if self.method == "into_mlx" and self.direct_failed is None:
-            tic = time.perf_counter()
-            slots = [mx.zeros((rb,), dtype=mx.uint8) for _ in experts]
-            mx.eval(slots)
-            views = [_host_view(s) for s in slots]
-            try:
-                list(self.pool.map(lambda i: self._load(layer, experts[i], views[i]), range(n)))
-            except OSError as e:  # e.g. O_DIRECT into this memory refused: stage instead from now on
-                self.direct_failed = repr(e)
-                return self.read(layer, experts)
-            mid = time.perf_counter()
-            out = [_tensor_views(s, 0, spec) for s in slots]
-            mx.eval(out)
-            self.io_seconds += mid - tic
-            self.upload_seconds += time.perf_counter() - mid
-            return out
-        if len(self.staging) < n * rb:
-            self.staging = np.frombuffer(mmap.mmap(-1, n * rb), dtype=np.uint8)
-        tic = time.perf_counter()
-        list(
-            self.pool.map(
-                lambda i: self._load(layer, experts[i], self.staging[i * rb : (i + 1) * rb]), range(n)
-            )
-        )
-        mid = time.perf_counter()
-        method = "per_batch" if self.method == "into_mlx" else self.method
-        out = upload(method, self.staging, n, spec)
-        mx.eval(out)
-        self.io_seconds += mid - tic
-        self.upload_seconds += time.perf_counter() - mid
-        return out
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-        for fd in self.fds:
-            os.close(fd)
-
-
-def upload_study(store: Path, manifest: Manifest, records: int, repeats: int = 3) -> list[dict]:
-    """Each upload path on ``records`` real records staged in host memory: seconds to the device
-    and to a first device use of every byte, and a byte-for-byte check of one record."""
-    spec = manifest.layers[0]
-    rb = spec.record_bytes
-    n = min(records, spec.num_experts)
-    staged = np.frombuffer(mmap.mmap(-1, n * rb), dtype=np.uint8)
-    raw = PhasedReader(store, manifest, "per_batch", 8)
-    try:
-        for i in range(n):
-            raw._load(0, i, staged[i * rb : (i + 1) * rb])
-    finally:
-        raw.close()
-
-    def first_use(ws):
-        mx.eval([mx.max(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a) for w in ws for a in w.values()])
-
-    def exact(w, rec) -> bool:
-        for t in spec.tensors:
-            a = w[t.name]
-            host = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
-            if host.tobytes() != rec[t.offset : t.offset + t.nbytes].tobytes():
-                return False
-        return True
-
-    results = []
-    for method in UPLOADS:
-        row = {"method": method, "records": n, "bytes": n * rb, "ok": False}
-        try:
-            best_up = best_use = float("inf")
-            for _ in range(repeats):
-                if method == "into_mlx":
-                    slots = [mx.zeros((rb,), dtype=mx.uint8) for _ in range(n)]
-                    mx.eval(slots)
-                    tic = time.perf_counter()
-                    for i, s in enumerate(slots):
-                        np.copyto(_host_view(s), staged[i * rb : (i + 1) * rb])
-                    ws = [_tensor_views(s, 0, spec) for s in slots]
-                    mx.eval(ws)
-                else:
-                    tic = time.perf_counter()
-                    ws = upload(method, staged, n, spec)
-                    mx.eval(ws)
-                mid = time.perf_counter()
-                first_use(ws)
-                end = time.perf_counter()
-                best_up, best_use = min(best_up, mid - tic), min(best_use, end - tic)
-            row.update(
-                ok=exact(ws[-1], staged[(n - 1) * rb : n * rb]),
-                upload_seconds=best_up,
-                to_first_use_seconds=best_use,
-                upload_gb_s=n * rb / best_up / 1e9,
-                to_first_use_gb_s=n * rb / best_use / 1e9,
-            )
-        except Exception as e:  # a path this MLX build does not support
-            row["error"] = f"{type(e).__name__}: {e}"
-        results.append(row)
-        log(
-            f"upload {method}: "
-            + (
-                f"{row['to_first_use_gb_s']:.2f} GB/s to first use, ok={row['ok']}"
-                if "upload_gb_s" in row
-                else row.get("error", "")
-            )
-        )
-    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,6 +484,10 @@ def main(argv=None) -> dict:
         )
         memory = step("memory", lambda: measure_device_memory(store, manifest, s["upload_records"] * 2))
         uploads = step("uploads", lambda: upload_study(store, manifest, s["upload_records"])) or []
+        for row in uploads:
+            result = (f"{row['to_first_use_gb_s']:.2f} GB/s to first use, ok={row['ok']}"
+                      if "upload_gb_s" in row else row.get("error", ""))
+            log(f"upload {row['method']}: {result}")
         report.update(disk=disk, memory=memory, upload_methods=uploads)
         good = [u for u in uploads if u.get("ok")]
         best = max(good, key=lambda u: u["to_first_use_gb_s"]) if good else None

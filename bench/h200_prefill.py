@@ -39,6 +39,7 @@ import h200_layers as real  # noqa: E402  (also makes flashmoe_backend importabl
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_gated_delta import make_inputs  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 from mlx_lm.models import gated_delta as mlx_gdn  # noqa: E402
 from mlx_lm.models import qwen3_5  # noqa: E402
@@ -105,24 +106,14 @@ def random_experts(block: nn.Module, dtype) -> None:
     switch.update(tree_unflatten(fresh))
 
 
-def recurrence_inputs(s: dict, tokens: int, dtype):
+def recurrence_inputs(s: dict, tokens: int, dtype, seed: int) -> tuple:
     a = text_args(s)
-    hk, hv = a.linear_num_key_heads, a.linear_num_value_heads
-    dk, dv = a.linear_key_head_dim, a.linear_value_head_dim
-    q = mx.random.normal((1, tokens, hk, dk)).astype(dtype)
-    k = mx.random.normal((1, tokens, hk, dk)).astype(dtype)
-    q, k = mlx_gdn.normalize_qk(q, k, inv_scale=dk**-0.5, eps=1e-6)
-    v = mx.random.normal((1, tokens, hv, dv)).astype(dtype)
-    g = mlx_gdn.compute_g(mx.log(mx.random.uniform(1, 16, (hv,))), mx.random.normal((1, tokens, hv)),
-                          mx.ones(hv))
-    beta = mx.sigmoid(mx.random.normal((1, tokens, hv)))
-    state = mx.zeros((1, hv, dv, dk), dtype=mx.float32)
-    mx.eval(q, k, v, g, beta)
-    return q, k, v, g, beta, state
+    return make_inputs(1, tokens, a.linear_num_key_heads, a.linear_num_value_heads,
+                       a.linear_key_head_dim, a.linear_value_head_dim, seed=seed, dtype=dtype)
 
 
-def bench_recurrence(s: dict, tokens: int, reps: int, dtype, skip_baselines: bool) -> dict:
-    inputs = recurrence_inputs(s, tokens, dtype)
+def bench_recurrence(s: dict, tokens: int, reps: int, dtype, skip_baselines: bool, seed: int) -> dict:
+    inputs = recurrence_inputs(s, tokens, dtype, seed)
     paths = {"mlx_lm_ops": mlx_gdn.gated_delta_ops, "chunked": gated_delta_chunked}
     if mx.default_device() == mx.gpu and mx.cuda.is_available():
         paths["cuda_kernel"] = gated_delta_cuda
@@ -228,7 +219,7 @@ def main(argv=None) -> dict:
     report = {
         "config": {**s, "tokens": tokens, "reps": args.reps, "tiny": args.tiny, "dtype": str(dtype)},
         "machine": {"device": str(mx.default_device()), "mlx": mx.__version__},
-        "recurrence": bench_recurrence(s, tokens, args.reps, dtype, args.skip_baselines),
+        "recurrence": bench_recurrence(s, tokens, args.reps, dtype, args.skip_baselines, args.seed),
         "layers": bench_layers(s, tokens, args.reps, dtype, args.skip_baselines),
     }
     print(markdown(report))

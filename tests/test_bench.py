@@ -338,3 +338,11 @@ def test_bench_gated_delta_tiny(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["T"] == 40 and row["ops_ms"] > 0 and row["chunked_ms"] > 0
     assert row["chunked_max_abs_dy"] < 1e-5 and row["chunked_max_abs_dstate"] < 1e-5
+
+
+def test_h200_layers_prefill_only_tiny(tmp_path):
+    script = _load_script("h200_layers")
+    report = script.main(["--tiny", "--prefill-only", "--workdir", str(tmp_path / "work")])
+    assert report["prefill"]["prompt_tokens"] == 24 and report["prefill"]["seconds"] > 0
+    assert set(report["step_seconds"]) == {"write_store", "prefill"}  # the rest skipped
+    assert report.get("decode") is None and not report["errors"]

@@ -579,3 +579,13 @@ def test_cuda_kernel_matches_ops(B, T, Hk, Hv, Dk, Dv, dtype, masked):
     _assert_close(y, y_ref, rel=rel, where=None if mask is None else mask[..., None, None])
     if mask is not None:
         assert float(mx.abs(mx.where(mask[..., None, None], 0.0, y.astype(mx.float32))).max()) == 0.0
+
+
+def test_engine_load_installs_the_fast_recurrence(uninstalled):
+    from mlx_lm.models import qwen3_5
+
+    from flashmoe_backend import FlashMoE
+    from flashmoe_backend.demo import default_store
+
+    FlashMoE.load(default_store(), cache_gb=0.01)
+    assert qwen3_5.gated_delta_update is gd.gated_delta_update_fast

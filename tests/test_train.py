@@ -222,3 +222,13 @@ def test_parse_mix():
     with pytest.raises(argparse.ArgumentTypeError, match="'poems=1'"):
         parse_mix("qa=1,poems=1")
     assert data.example(5, 0, mix={"json": 1.0}).kind == "json"
+
+
+def test_evaluation_keeps_every_failure():
+    from train.evaluate import Cell
+
+    cell = Cell()
+    for i in range(6):
+        cell.add(10.0, {"i": i}, exact=i % 2 == 0)  # odd i fail
+    kept = [(e["i"], e["failed"]) for e in cell.examples]
+    assert kept == [(0, False), (1, True), (2, False), (3, True), (5, True)]

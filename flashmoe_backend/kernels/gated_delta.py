@@ -51,7 +51,7 @@ PATCHED_MODULES: tuple[str, ...] = ("mlx_lm.models.qwen3_5", "mlx_lm.models.qwen
 #: Chunk size :func:`gated_delta_update_fast` uses on CPU. The scan's sequential matmuls cost
 #: 3 Dk Dv per token whatever the chunk; the in-chunk ones grow with it, so on a CPU a smaller
 #: chunk than the GPU-friendly 64 wins (Qwen3.5-397B heads, T=2048, 2-core x86, MLX's bundled
-#: BLAS: 8.4 s at 32 against 10.3 s at 64).
+#: BLAS: 5.3 s at 32 against 8.7 s at 64; bench/RESULTS.md).
 CPU_CHUNK = 32
 
 
