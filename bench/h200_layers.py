@@ -39,6 +39,7 @@ deleted at the end unless ``--keep-store``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -56,11 +57,13 @@ import mlx.nn as nn  # noqa: E402
 from h200_upload import PhasedReader, upload_study  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
+from flashmoe_backend import streaming  # noqa: E402
 from flashmoe_backend.bench.bandwidth import cold_read, floor_per_token, measure_disk, random_records  # noqa: E402
 from flashmoe_backend.bench.pagecache import evict_page_cache, store_files  # noqa: E402
 from flashmoe_backend.bench.replay import release_memory  # noqa: E402
 from flashmoe_backend.bench.synthetic_store import expert_tensor_bytes, write_synthetic_store  # noqa: E402
 from flashmoe_backend.cache import DEFAULT_POLICY, ExpertCache  # noqa: E402
+from flashmoe_backend.kernels import gated_delta  # noqa: E402
 from flashmoe_backend.kernels.gated_delta import install_fast_gated_delta  # noqa: E402
 from flashmoe_backend.reader import ExpertReader, ReaderConfig  # noqa: E402
 from flashmoe_backend.store import Manifest  # noqa: E402
@@ -189,6 +192,7 @@ def finish_resident(model, dtype) -> int:
 # ---------------------------------------------------------------------------------------------
 
 TIMES: dict[str, float] = {"attention_gdn": 0.0, "moe": 0.0}
+CALLS: dict[str, list[float]] = {"attention_gdn": [], "moe": [], "stack": []}  # each call's seconds
 
 
 class Timed(nn.Module):
@@ -204,7 +208,9 @@ class Timed(nn.Module):
         out = self.inner(*args, **kwargs)
         cache = args[2] if len(args) > 2 else kwargs.get("cache")
         mx.eval(out, *([cache.state] if cache is not None else []))
-        TIMES[self._bucket] += time.perf_counter() - tic
+        seconds = time.perf_counter() - tic
+        TIMES[self._bucket] += seconds
+        CALLS[self._bucket].append(seconds)
         return out
 
 
@@ -218,6 +224,41 @@ def instrument(model, on: bool) -> None:
         elif not on and isinstance(attn, Timed):
             setattr(layer, name, attn.inner)
             layer.mlp = mlp.inner
+
+
+@contextlib.contextmanager
+def prefill_barriers(model):
+    """Barriers for a prefill's time split: around each layer's attention/GatedDeltaNet and MoE
+    block (``instrument``) and around the stacking of fetched experts; yields the choices made:
+    each expert call's use of the grouped path (``"grouped"``: ``use_grouped``) and each
+    GatedDeltaNet call's recurrence (``"gated_delta"``: ``select_gated_delta_path``)."""
+    choices: dict[str, list] = {"grouped": [], "gated_delta": []}
+    stack, choose, select = streaming._stack, streaming.use_grouped, gated_delta.select_gated_delta_path
+
+    def timed_stack(weights):
+        tic = time.perf_counter()
+        out = stack(weights)
+        mx.eval(list(out.values()))
+        CALLS["stack"].append(time.perf_counter() - tic)
+        return out
+
+    def counted(template, slots):
+        choices["grouped"].append(choose(template, slots))
+        return choices["grouped"][-1]
+
+    def selected(*args, **kwargs):
+        choices["gated_delta"].append(select(*args, **kwargs))
+        return choices["gated_delta"][-1]
+
+    instrument(model, True)
+    streaming._stack, streaming.use_grouped = timed_stack, counted
+    gated_delta.select_gated_delta_path = selected
+    try:
+        yield choices
+    finally:
+        streaming._stack, streaming.use_grouped = stack, choose
+        gated_delta.select_gated_delta_path = select
+        instrument(model, False)
 
 
 def decode(
@@ -384,6 +425,8 @@ def parse(argv):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefill-only", action="store_true", help="only write the store and measure prefill")
+    p.add_argument("--prefill-runs", type=int, default=2,
+                   help="prefill the prompt this many times (the first also compiles kernels)")
     return p.parse_args(argv)
 
 
@@ -557,7 +600,7 @@ def main(argv=None) -> dict:
         }
 
         # -- prefill ---------------------------------------------------------------------------
-        def prefill():
+        def prefill_once(ids: list[int]) -> dict:
             from mlx_lm.models.cache import make_prompt_cache
 
             fresh(streamer, ExpertReader(store, manifest, engine_cfg), budget, args.policy, files)
@@ -566,29 +609,52 @@ def main(argv=None) -> dict:
             streamer.fetch = lambda layer, experts: (
                 calls.append((layer, list(experts))) or fetch(layer, experts)
             )
+            before = {k: len(v) for k, v in CALLS.items()}
             try:
-                ids = rng.integers(0, s["vocab"], size=s["prefill"]).tolist()
-                tic = time.perf_counter()
-                mx.eval(model(mx.array(ids)[None], cache=make_prompt_cache(model)))
-                seconds = time.perf_counter() - tic
+                with prefill_barriers(model) as choices:
+                    tic = time.perf_counter()
+                    mx.eval(model(mx.array(ids)[None], cache=make_prompt_cache(model)))
+                    seconds = time.perf_counter() - tic
             finally:
                 del streamer.fetch
+            per_layer = {k: v[before.get(k, 0):] for k, v in CALLS.items()}
+            c = streamer.counters
+            parts = {"router_sync": c.sync_seconds, "io_wait_and_upload": c.io_seconds,
+                     "expert_stack": sum(per_layer["stack"]),
+                     "attention_gdn": sum(per_layer["attention_gdn"])}
+            # the MoE block's barrier holds the router's sync, the fetch and the stack: the rest of it
+            # is the experts' (and the shared expert's) compute
+            moe_other = c.sync_seconds + c.io_seconds + parts["expert_stack"]
+            parts["expert_compute"] = max(0.0, sum(per_layer["moe"]) - moe_other)
+            parts["rest"] = max(0.0, seconds - sum(parts.values()))
             union = {}
             for layer, experts in calls:
                 union.setdefault(layer, set()).update(experts)
             batches = [[(layer, e) for e in sorted(es)] for layer, es in union.items()]
             nbytes, one_pass, _ = cold_read(store, manifest, batches, args.io_threads)
             return {
-                "prompt_tokens": s["prefill"],
+                "prompt_tokens": len(ids),
                 "seconds": seconds,
-                "io_seconds": streamer.counters.io_seconds,
-                "sync_seconds": streamer.counters.sync_seconds,
+                "io_seconds": c.io_seconds,
+                "sync_seconds": c.sync_seconds,
                 "experts_needed": sum(map(len, union.values())),
                 "groups": len(calls),
                 "bytes_needed": nbytes,
                 "one_pass_seconds": one_pass,
                 "over_one_pass": seconds / one_pass,
+                "components_seconds": parts,
+                "per_layer_seconds": {"attention_gdn": per_layer["attention_gdn"], "moe": per_layer["moe"]},
+                "grouped_expert_calls": sum(choices["grouped"]),
+                "expert_calls": len(choices["grouped"]),
+                "gated_delta_paths": choices["gated_delta"],
             }
+
+        def prefill() -> dict:
+            """The same prompt ``--prefill-runs`` times, each from a cold expert cache: the first
+            run also pays each kernel's first use (MLX compiles CUDA kernels on first use)."""
+            ids = rng.integers(0, s["vocab"], size=s["prefill"]).tolist()
+            runs = [prefill_once(ids) for _ in range(args.prefill_runs)]
+            return {**runs[-1], "runs": runs}
 
         if s["prefill"]:
             report["prefill"] = step("prefill", prefill)

@@ -346,3 +346,13 @@ def test_h200_layers_prefill_only_tiny(tmp_path):
     assert report["prefill"]["prompt_tokens"] == 24 and report["prefill"]["seconds"] > 0
     assert set(report["step_seconds"]) == {"write_store", "prefill"}  # the rest skipped
     assert report.get("decode") is None and not report["errors"]
+    parts = report["prefill"]["components_seconds"]
+    assert set(parts) == {"router_sync", "io_wait_and_upload", "expert_stack", "attention_gdn",
+                          "expert_compute", "rest"}
+    assert parts["attention_gdn"] > 0 and parts["expert_compute"] > 0
+    assert sum(parts.values()) == pytest.approx(report["prefill"]["seconds"], rel=0.05)
+    # one expert call per layer; the grouped path is CUDA's only
+    assert report["prefill"]["expert_calls"] == 4 and report["prefill"]["grouped_expert_calls"] == 0
+    assert len(report["prefill"]["runs"]) == 2 and len(report["prefill"]["per_layer_seconds"]["moe"]) == 4
+    # the three GatedDeltaNet layers take the fast recurrence (on CPU: the chunked form)
+    assert report["prefill"]["gated_delta_paths"] == ["chunked"] * 3

@@ -13,6 +13,19 @@ def test_embedded_store_is_intact():
     assert read_manifest(store).model_type == "qwen3_5_moe"
 
 
+def test_embedded_tokenizer_is_the_one_every_loader_builds():
+    # transformers (and so mlx-lm) builds a qwen3_5_moe tokenizer with Qwen3.5's own pre-tokenizer
+    # whatever tokenizer.json says; the model must have been trained on exactly those tokens.
+    from mlx_lm.utils import load_tokenizer
+    from tokenizers import Tokenizer
+
+    store = default_store()
+    as_written = Tokenizer.from_file(str(store / "tokenizer.json"))
+    as_loaded = load_tokenizer(store)
+    text = "Ana moves to 13 Liostetaurk Avenue on Sunday 23 July 1991; it's 16:00, call 032 7899 6150."
+    assert as_loaded.encode(text, add_special_tokens=False) == as_written.encode(text).ids
+
+
 def test_demo_answers_from_the_document_and_calls_the_tool(capsys):
     assert main(["demo"]) == 0
     out, err = capsys.readouterr()

@@ -164,6 +164,23 @@ def test_tokenizer_copies_words_with_the_same_ids(demo_tok):
     assert demo_tok.eos_token == "<|im_end|>"
 
 
+def test_trained_tokenizer_is_what_a_checkpoint_loader_builds(demo_tok, render_tok, tmp_path):
+    # AutoTokenizer builds a qwen3_5_moe checkpoint's tokenizer with Qwen3.5's own pre-tokenizer:
+    # the trained one must tokenize exactly like it (runs 1-5 of the demo model did not).
+    from transformers import AutoTokenizer
+
+    from train.tokenizer import use_qwen_pipeline
+
+    demo_tok.save_pretrained(str(tmp_path))
+    use_qwen_pipeline(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert type(loaded).__name__ == "Qwen3_5Tokenizer"
+    texts = list(data.corpus_texts(render_tok, 11, 20))
+    assert any(ch.isdigit() for t in texts for ch in t)
+    for text in texts:
+        assert loaded(text)["input_ids"] == demo_tok(text)["input_ids"]
+
+
 def test_tiny_training_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
     pytest.importorskip("torch")
     from train.train import main
@@ -193,6 +210,13 @@ def test_tiny_training_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
     for kind, loss in log["final_eval"].items():
         assert log2["initial_eval"][kind] == pytest.approx(loss, abs=1e-3)
 
+    # grown by four layers, it starts as the same function (the new layers are the identity)
+    log3 = main(["--out", str(tmp_path / "hf3"), "--tiny", "--init", str(out), "--grow-layers", "4",
+                 "--minutes", "3", "--steps", "1", "--seed", "1"])
+    assert log3["shape"]["num_layers"] == 8
+    for kind, loss in log["final_eval"].items():
+        assert log3["initial_eval"][kind] == pytest.approx(loss, abs=1e-3)
+
     import mlx_lm
 
     model, tok = mlx_lm.load(str(out))
@@ -209,6 +233,21 @@ def test_tiny_training_run_learns_and_saves_a_loadable_checkpoint(tmp_path):
         assert result.stats.generated_tokens >= 1
     finally:
         engine.close()
+
+
+def test_grow_layers_copies_the_last_layers_with_zero_outputs():
+    torch = pytest.importorskip("torch", reason="train/train.py needs torch (the dev extra installs it)")
+    from train.train import grow_layers
+
+    state = {f"model.layers.{i}.{name}": torch.full((2,), float(i + 1))
+             for i in range(4) for name in ("self_attn.q_proj.weight", "self_attn.o_proj.weight")}
+    grown = grow_layers(state, layers=4, added=4, interval=4)
+    new, last = "model.layers.7.self_attn.", "model.layers.3.self_attn."
+    assert torch.equal(grown[new + "q_proj.weight"], state[last + "q_proj.weight"])
+    assert not grown[new + "o_proj.weight"].any()
+    assert torch.equal(grown[last + "o_proj.weight"], state[last + "o_proj.weight"])
+    with pytest.raises(ValueError, match="multiple of the attention interval"):
+        grow_layers(state, layers=4, added=2, interval=4)
 
 
 def test_parse_mix():

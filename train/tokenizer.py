@@ -43,19 +43,33 @@ def train_tokenizer_json(corpus: Iterable[str], vocab_size: int) -> str:
     Unlike tiny.py's (GPT-2 style, a leading space merged into the word), every space is a token of
     its own: ``" Bucauk"`` in a document and ``"Bucauk"`` at the start of an answer then share their
     token ids, which makes grounded answers a plain copy for a small model (about 25% more tokens).
+    The result uses Qwen3.5's own pipeline (see :func:`use_qwen_pipeline`).
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tiny = load_tiny()
     added = list(tiny.SPECIAL_TOKENS) + list(tiny.MARKUP_TOKENS)
     if vocab_size < 256 + len(added) + 1:
         raise ValueError(f"vocab_size must be at least {256 + len(added) + 1}, got {vocab_size}")
     tok = Tokenizer(models.BPE())
-    # Spaces are tokens of their own ("Ġ"): a word then has the same tokens wherever it stands
-    # (after a space in the document, first in the answer), so answering is copying token ids.
+    # Trained on Qwen3.5's pieces with every space cut out as a piece of its own ("Ġ"): no merge
+    # holds a space, so Qwen3.5's pipeline, which loaders apply, tokenizes the same way, and a
+    # word has the same tokens wherever it stands (after a space in the document, first in the
+    # answer), so answering is copying token ids.
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_qwen_regex()), behavior="isolated"),
         pre_tokenizers.Split(Regex(" "), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -68,7 +82,43 @@ def train_tokenizer_json(corpus: Iterable[str], vocab_size: int) -> str:
     tok.train_from_iterator(_pieces(corpus, added), trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tiny.SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tiny.MARKUP_TOKENS])
-    return tok.to_str()
+    return _with_qwen_pipeline(tok).to_str()
+
+
+def _qwen_regex() -> str:
+    from transformers.models.qwen3_5 import tokenization_qwen3_5
+
+    return tokenization_qwen3_5.PRETOKENIZE_REGEX
+
+
+def _with_qwen_pipeline(tok):
+    """``tok`` with Qwen3.5's normalizer and pre-tokenizer (those of transformers' ``Qwen3_5Tokenizer``)."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_qwen_regex()), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    return tok
+
+
+def use_qwen_pipeline(tok_dir: Path) -> None:
+    """Make ``tok_dir`` tokenize the way every loader of a Qwen3.5 checkpoint will.
+
+    transformers' ``AutoTokenizer`` (and so mlx-lm) builds a ``qwen3_5_moe`` checkpoint's tokenizer
+    as ``Qwen3_5Tokenizer``: its vocabulary and merges with Qwen3.5's own pre-tokenizer (single
+    digits), whatever ``tokenizer.json`` says. Training must see the same tokens, so this rewrites
+    ``tokenizer.json`` with that pipeline and adds the ``config.json`` that makes ``AutoTokenizer``
+    pick that class.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(tok_dir) / "tokenizer.json"
+    path.write_text(_with_qwen_pipeline(Tokenizer.from_file(str(path))).to_str())
+    config = Path(tok_dir) / "config.json"
+    if not config.exists():
+        config.write_text('{"model_type": "qwen3_5_moe"}\n')
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 2048, seed: int = 0, corpus: Iterable[str] | None = None,

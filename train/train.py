@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from train import data
 from train.common import load_tiny
-from train.tokenizer import build_tokenizer
+from train.tokenizer import build_tokenizer, use_qwen_pipeline
 
 HELD_OUT_SEED = 1_000_003  # evaluation data: a different seed than any training seed
 
@@ -335,14 +335,45 @@ def shape_of(ckpt: Path) -> ModelShape:
     return ModelShape(**{f: cfg[names.get(f, f)] for f in ModelShape.__dataclass_fields__})
 
 
-def load_checkpoint_weights(model, ckpt: Path) -> None:
-    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (strict)."""
+def load_checkpoint_weights(model, ckpt: Path, grown: int = 0) -> None:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (strict).
+
+    ``grown``: ``model`` has that many more layers than the checkpoint; see :func:`grow_layers`."""
     from safetensors.torch import load_file
 
     prefix = "model.language_model."
     state = {("model." + k[len(prefix):] if k.startswith(prefix) else k): v.float()
              for k, v in load_file(str(Path(ckpt) / "model.safetensors")).items()}
+    if grown:
+        interval = model.config.layer_types.index("full_attention") + 1
+        state = grow_layers(state, len(model.model.layers) - grown, grown, interval)
     model.load_state_dict(state, strict=True)
+
+
+# Output projections of a layer: zeroed, the layer adds nothing to the residual stream.
+_OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "linear_attn.out_proj.weight", "mlp.experts.down_proj",
+                       "mlp.shared_expert.down_proj.weight")
+
+
+def grow_layers(state: dict, layers: int, added: int, interval: int) -> dict:
+    """``state`` of a ``layers``-layer model extended by ``added`` layers, computing the same function.
+
+    The new layers are copies of the last ``added`` ones (so the layer pattern, full attention every
+    ``interval``-th layer, continues) with their output projections zeroed: each starts as the
+    identity and training gives it a role (block expansion, as LLaMA Pro does). A warm start keeps
+    what the smaller model learned, where a deeper model from scratch would start over."""
+    if added <= 0 or added % interval or added > layers:
+        raise ValueError(f"can only add a multiple of the attention interval ({interval}) up to {layers} "
+                         f"layers, got {added}")
+    out = dict(state)
+    for new in range(layers, layers + added):
+        src = f"model.layers.{new - added}."
+        for key, value in state.items():
+            if key.startswith(src):
+                name = key[len(src):]
+                out[f"model.layers.{new}.{name}"] = (torch.zeros_like(value) if name in _OUTPUT_PROJECTIONS
+                                                     else value.clone())
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--init", type=Path, default=None,
                    help="continue training a checkpoint written by this script (its tokenizer, shape "
                         "and weights; a fresh optimizer and schedule: use another --seed for new data)")
+    p.add_argument("--grow-layers", type=int, default=0,
+                   help="with --init: append this many layers that start as the identity (see grow_layers)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-3)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=None, help="warmup steps")
@@ -422,6 +455,9 @@ def main(argv: list[str] | None = None) -> dict:
     shape = TINY_SHAPE if tiny_mode else DEMO_SHAPE
     if args.init:
         shape = shape_of(args.init)
+        shape.num_layers += args.grow_layers
+    elif args.grow_layers:
+        p.error("--grow-layers needs --init")
     shape = ModelShape(**{k: (getattr(args, k) if getattr(args, k) is not None else v)
                           for k, v in asdict(shape).items()})
     vocab_size = args.vocab_size or (768 if tiny_mode else 2048)
@@ -462,6 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         build_tokenizer(tok_dir, vocab_size=vocab_size, seed=args.seed,
                         n_examples=120 if tiny_mode else 3000)
+    use_qwen_pipeline(tok_dir)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     eos_id = tok.convert_tokens_to_ids("<|im_end|>")
     pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
@@ -469,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = make_model(shape, len(tok), eos_id, pad_id, args.aux_coef)
     if args.init:
-        load_checkpoint_weights(model, args.init)
+        load_checkpoint_weights(model, args.init, args.grow_layers)
         print(f"weights from {args.init}", flush=True)
     model = model.to(device)
     counts = param_counts(model, shape)
@@ -497,6 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     eval_sets = held_out(tok, 4 if tiny_mode else 48, max_len)
     initial_eval = evaluate_loss(model, eval_sets, pad_id, device, autocast)
+    print("initial held-out loss:", json.dumps({k: round(v, 4) for k, v in initial_eval.items()}), flush=True)
     pool = 64 if tiny_mode else max(256, 4 * batch_tokens // 400)
     dataset = Batches(str(tok_dir), args.seed, max_len, batch_tokens, pool, pad_id, args.mix)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,

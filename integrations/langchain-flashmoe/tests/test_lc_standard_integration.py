@@ -18,17 +18,13 @@ from langchain_flashmoe import ChatFlashMoE
 # Not run (run=False): each costs a full generation and fails the same way every time (greedy).
 COPIES_ARGUMENT = pytest.mark.xfail(
     run=False,
-    reason="asserts args == {'input': 3}: the demo model calls magic_function but copies 2, not 3",
+    reason="asserts args == {'input': 3}: the demo model calls magic_function but writes 20, not 3 "
+    "(its training requests never write an argument as a call, 'magic_function(3)')",
 )
 
 EXPECTED_FAILURES = {
     "test_tool_calling": COPIES_ARGUMENT,
     "test_tool_calling_async": COPIES_ARGUMENT,
-    "test_tool_calling_with_no_arguments": pytest.mark.xfail(
-        run=False,
-        reason="asserts exactly one call; the demo model makes two parallel calls of "
-        "magic_function_no_args",
-    ),
     "test_unicode_tool_call_integration": pytest.mark.xfail(
         run=False,
         reason="asserts '你好' / 'こんにちは' copied into the arguments; the demo model's "
