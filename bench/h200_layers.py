@@ -24,7 +24,8 @@ and measures:
   reduction over cached experts), and the same plus missed bytes / best upload bandwidth (a
   discrete GPU adds that hop; Apple's unified memory does not);
 * K=4 instead of the model's 10; layer-major prefill of a prompt chunk against one raw pass over
-  the experts it needs; and the same layers with every expert in device memory (the mlx-lm
+  the experts it needs (split by barriers into its parts, per layer; run twice, cold kernels
+  then warm); and the same layers with every expert in device memory (the mlx-lm
   speed ceiling), which also checks that the streamed layers compute the same logits.
 
 On the GPU machine (with MLX's CUDA build), from the repository root:
