@@ -40,7 +40,6 @@ deleted at the end unless ``--keep-store``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -53,18 +52,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_only  # noqa: E402, F401  (first: flashmoe_backend without its package extras)
+import h200_timing as timing  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from h200_upload import PhasedReader, upload_study  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-from flashmoe_backend import streaming  # noqa: E402
 from flashmoe_backend.bench.bandwidth import cold_read, floor_per_token, measure_disk, random_records  # noqa: E402
 from flashmoe_backend.bench.pagecache import evict_page_cache, store_files  # noqa: E402
 from flashmoe_backend.bench.replay import release_memory  # noqa: E402
 from flashmoe_backend.bench.synthetic_store import expert_tensor_bytes, write_synthetic_store  # noqa: E402
 from flashmoe_backend.cache import DEFAULT_POLICY, ExpertCache  # noqa: E402
-from flashmoe_backend.kernels import gated_delta  # noqa: E402
 from flashmoe_backend.kernels.gated_delta import install_fast_gated_delta  # noqa: E402
 from flashmoe_backend.reader import ExpertReader, ReaderConfig  # noqa: E402
 from flashmoe_backend.store import Manifest  # noqa: E402
@@ -192,75 +190,6 @@ def finish_resident(model, dtype) -> int:
 # Instrumented decode
 # ---------------------------------------------------------------------------------------------
 
-TIMES: dict[str, float] = {"attention_gdn": 0.0, "moe": 0.0}
-CALLS: dict[str, list[float]] = {"attention_gdn": [], "moe": [], "stack": []}  # each call's seconds
-
-
-class Timed(nn.Module):
-    """Runs ``inner`` and evaluates its output (and its cache's state): a timing barrier."""
-
-    def __init__(self, inner: nn.Module, bucket: str):
-        super().__init__()
-        self.inner = inner
-        self._bucket = bucket
-
-    def __call__(self, *args, **kwargs):
-        tic = time.perf_counter()
-        out = self.inner(*args, **kwargs)
-        cache = args[2] if len(args) > 2 else kwargs.get("cache")
-        mx.eval(out, *([cache.state] if cache is not None else []))
-        seconds = time.perf_counter() - tic
-        TIMES[self._bucket] += seconds
-        CALLS[self._bucket].append(seconds)
-        return out
-
-
-def instrument(model, on: bool) -> None:
-    for layer in model.layers:
-        name = "linear_attn" if layer.is_linear else "self_attn"
-        attn, mlp = getattr(layer, name), layer.mlp
-        if on and not isinstance(attn, Timed):
-            setattr(layer, name, Timed(attn, "attention_gdn"))
-            layer.mlp = Timed(mlp, "moe")
-        elif not on and isinstance(attn, Timed):
-            setattr(layer, name, attn.inner)
-            layer.mlp = mlp.inner
-
-
-@contextlib.contextmanager
-def prefill_barriers(model):
-    """Barriers for a prefill's time split: around each layer's attention/GatedDeltaNet and MoE
-    block (``instrument``) and around the stacking of fetched experts; yields the choices made:
-    each expert call's use of the grouped path (``"grouped"``: ``use_grouped``) and each
-    GatedDeltaNet call's recurrence (``"gated_delta"``: ``select_gated_delta_path``)."""
-    choices: dict[str, list] = {"grouped": [], "gated_delta": []}
-    stack, choose, select = streaming._stack, streaming.use_grouped, gated_delta.select_gated_delta_path
-
-    def timed_stack(weights):
-        tic = time.perf_counter()
-        out = stack(weights)
-        mx.eval(list(out.values()))
-        CALLS["stack"].append(time.perf_counter() - tic)
-        return out
-
-    def counted(template, slots):
-        choices["grouped"].append(choose(template, slots))
-        return choices["grouped"][-1]
-
-    def selected(*args, **kwargs):
-        choices["gated_delta"].append(select(*args, **kwargs))
-        return choices["gated_delta"][-1]
-
-    instrument(model, True)
-    streaming._stack, streaming.use_grouped = timed_stack, counted
-    gated_delta.select_gated_delta_path = selected
-    try:
-        yield choices
-    finally:
-        streaming._stack, streaming.use_grouped = stack, choose
-        gated_delta.select_gated_delta_path = select
-        instrument(model, False)
-
 
 def decode(
     model,
@@ -275,7 +204,7 @@ def decode(
     given tokens instead of the argmax (to compare two models on the same inputs)."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    instrument(model, instrumented)
+    timing.instrument(model, instrumented)
     cache = make_prompt_cache(model)
     logits = model(mx.array(prompt)[None], cache=cache)[0, -1]
     tok = int(mx.argmax(logits).item())
@@ -285,7 +214,7 @@ def decode(
     for i in range(warmup + tokens):
         if i == warmup:
             snap = dict(
-                TIMES,
+                calls=timing.mark(),
                 sync=streamer.counters.sync_seconds,
                 io=streamer.counters.io_seconds,
                 rio=getattr(reader, "io_seconds", 0.0),
@@ -301,7 +230,7 @@ def decode(
         seconds.append(time.perf_counter() - tic)
         if i < 4:
             kept_logits.append(np.array(logits.astype(mx.float32)))
-    instrument(model, False)
+    timing.instrument(model, False)
     total = sum(seconds[warmup:])
     c = streamer.cache.counters
     out = {
@@ -319,8 +248,8 @@ def decode(
             io, up = reader.io_seconds - snap["rio"], reader.upload_seconds - snap["up"]
         else:
             io, up = streamer.counters.io_seconds - snap["io"], 0.0
-        attn = TIMES["attention_gdn"] - snap["attention_gdn"]
-        moe = TIMES["moe"] - snap["moe"]
+        spent = timing.since(snap["calls"])
+        attn, moe = sum(spent["attention_gdn"]), sum(spent["moe"])
         parts = {
             "router_sync": sync,
             "io_wait": io,
@@ -610,15 +539,15 @@ def main(argv=None) -> dict:
             streamer.fetch = lambda layer, experts: (
                 calls.append((layer, list(experts))) or fetch(layer, experts)
             )
-            before = {k: len(v) for k, v in CALLS.items()}
+            before = timing.mark()
             try:
-                with prefill_barriers(model) as choices:
+                with timing.prefill_barriers(model) as choices:
                     tic = time.perf_counter()
                     mx.eval(model(mx.array(ids)[None], cache=make_prompt_cache(model)))
                     seconds = time.perf_counter() - tic
             finally:
                 del streamer.fetch
-            per_layer = {k: v[before.get(k, 0):] for k, v in CALLS.items()}
+            per_layer = timing.since(before)
             c = streamer.counters
             parts = {"router_sync": c.sync_seconds, "io_wait_and_upload": c.io_seconds,
                      "expert_stack": sum(per_layer["stack"]),
