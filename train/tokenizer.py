@@ -45,16 +45,7 @@ def train_tokenizer_json(corpus: Iterable[str], vocab_size: int) -> str:
     token ids, which makes grounded answers a plain copy for a small model (about 25% more tokens).
     The result uses Qwen3.5's own pipeline (see :func:`use_qwen_pipeline`).
     """
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tiny = load_tiny()
     added = list(tiny.SPECIAL_TOKENS) + list(tiny.MARKUP_TOKENS)
@@ -65,11 +56,11 @@ def train_tokenizer_json(corpus: Iterable[str], vocab_size: int) -> str:
     # holds a space, so Qwen3.5's pipeline, which loaders apply, tokenizes the same way, and a
     # word has the same tokens wherever it stands (after a space in the document, first in the
     # answer), so answering is copying token ids.
-    tok.normalizer = normalizers.NFC()
+    normalizer, pre_tokenizer = _qwen_pipeline()
+    tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_qwen_regex()), behavior="isolated"),
-        pre_tokenizers.Split(Regex(" "), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        pre_tokenizer,
+        pre_tokenizers.Split(Regex("\u0120"), behavior="isolated"),  # "Ġ", a space after ByteLevel
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -85,21 +76,17 @@ def train_tokenizer_json(corpus: Iterable[str], vocab_size: int) -> str:
     return _with_qwen_pipeline(tok).to_str()
 
 
-def _qwen_regex() -> str:
-    from transformers.models.qwen3_5 import tokenization_qwen3_5
+def _qwen_pipeline():
+    """Qwen3.5's normalizer and pre-tokenizer, as transformers' ``Qwen3_5Tokenizer`` builds them."""
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
 
-    return tokenization_qwen3_5.PRETOKENIZE_REGEX
+    backend = Qwen3_5Tokenizer().backend_tokenizer
+    return backend.normalizer, backend.pre_tokenizer
 
 
 def _with_qwen_pipeline(tok):
-    """``tok`` with Qwen3.5's normalizer and pre-tokenizer (those of transformers' ``Qwen3_5Tokenizer``)."""
-    from tokenizers import Regex, normalizers, pre_tokenizers
-
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_qwen_regex()), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    """``tok`` with Qwen3.5's normalizer and pre-tokenizer."""
+    tok.normalizer, tok.pre_tokenizer = _qwen_pipeline()
     return tok
 
 
