@@ -58,6 +58,7 @@ import mlx.nn as nn  # noqa: E402
 from h200_upload import PhasedReader, upload_study  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
+from flashmoe_backend import streaming  # noqa: E402
 from flashmoe_backend.bench.bandwidth import cold_read, floor_per_token, measure_disk, random_records  # noqa: E402
 from flashmoe_backend.bench.pagecache import evict_page_cache, store_files  # noqa: E402
 from flashmoe_backend.bench.replay import release_memory  # noqa: E402
@@ -276,19 +277,20 @@ def fresh(streamer: ExpertStreamer, reader, budget: int, policy: str, files) -> 
 
 
 def measure_device_memory(store: Path, manifest: Manifest, records: int, repeats: int = 5) -> dict:
-    """Bandwidth of a device reduction over experts held as MLX arrays (the hit bytes' path)."""
+    """Bandwidth of a device reduction over cached experts' bytes (the hit bytes' path), as one
+    array: hundreds of small reductions would time kernel launches, not memory."""
     reader = ExpertReader(store, manifest, ReaderConfig(verify="never"))
     try:
         ws = reader.read(0, list(range(min(records, manifest.layers[0].num_experts))))
     finally:
         reader.close()
-    arrays = [a.view(mx.uint16) if a.dtype == mx.bfloat16 else a for w in ws for a in w.values()]
-    mx.eval([mx.max(a) for a in arrays])
+    flat = mx.concatenate([a.view(mx.uint8).reshape(-1) for w in ws for a in w.values()])
+    mx.eval(flat, mx.max(flat))
     tic = time.perf_counter()
     for _ in range(repeats):
-        mx.eval([mx.max(a) for a in arrays])
+        mx.eval(mx.max(flat))
     seconds = time.perf_counter() - tic
-    nbytes = repeats * sum(a.nbytes for a in arrays)
+    nbytes = repeats * flat.nbytes
     return {"bytes": nbytes, "seconds": seconds, "bytes_per_s": nbytes / seconds, "records": len(ws)}
 
 
@@ -357,6 +359,8 @@ def parse(argv):
     p.add_argument("--prefill-only", action="store_true", help="only write the store and measure prefill")
     p.add_argument("--prefill-runs", type=int, default=2,
                    help="prefill the prompt this many times (the first also compiles kernels)")
+    p.add_argument("--stacked", action="store_true",
+                   help="prefill with mlx-lm's gather_qmm over the stacked experts, never the grouped path")
     return p.parse_args(argv)
 
 
@@ -374,6 +378,7 @@ def main(argv=None) -> dict:
             "budget_frac": args.budget_frac,
             "policy": args.policy,
             "io_threads": args.io_threads,
+            "stacked": args.stacked,
         },
         "machine": {"device": str(mx.default_device()), "mlx": mx.__version__, "cpus": os.cpu_count()},
         "errors": {},
@@ -535,9 +540,9 @@ def main(argv=None) -> dict:
 
             fresh(streamer, ExpertReader(store, manifest, engine_cfg), budget, args.policy, files)
             calls = []
-            fetch = streamer.fetch
-            streamer.fetch = lambda layer, experts: (
-                calls.append((layer, list(experts))) or fetch(layer, experts)
+            fetch_iter = streamer.fetch_iter  # what fetch and the grouped path call
+            streamer.fetch_iter = lambda layer, experts: (
+                calls.append((layer, list(experts))) or fetch_iter(layer, experts)
             )
             before = timing.mark()
             try:
@@ -546,7 +551,7 @@ def main(argv=None) -> dict:
                     mx.eval(model(mx.array(ids)[None], cache=make_prompt_cache(model)))
                     seconds = time.perf_counter() - tic
             finally:
-                del streamer.fetch
+                del streamer.fetch_iter
             per_layer = timing.since(before)
             c = streamer.counters
             parts = {"router_sync": c.sync_seconds, "io_wait_and_upload": c.io_seconds,
@@ -583,7 +588,13 @@ def main(argv=None) -> dict:
             """The same prompt ``--prefill-runs`` times, each from a cold expert cache: the first
             run also pays each kernel's first use (MLX compiles CUDA kernels on first use)."""
             ids = rng.integers(0, s["vocab"], size=s["prefill"]).tolist()
-            runs = [prefill_once(ids) for _ in range(args.prefill_runs)]
+            choose = streaming.use_grouped
+            if args.stacked:
+                streaming.use_grouped = lambda template, slots: False
+            try:
+                runs = [prefill_once(ids) for _ in range(args.prefill_runs)]
+            finally:
+                streaming.use_grouped = choose
             return {**runs[-1], "runs": runs}
 
         if s["prefill"]:

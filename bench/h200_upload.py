@@ -136,6 +136,10 @@ class PhasedReader:
         self.upload_seconds += time.perf_counter() - mid
         return out
 
+    def read_iter(self, layer: int, experts: list[int]):
+        """``read``'s weights as the streamer takes them (all phases done first)."""
+        return iter(self.read(layer, experts))
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         for fd in self.fds:

@@ -12,6 +12,7 @@ import mmap
 import os
 import queue
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,13 @@ class ExpertReader:
 
     def read(self, layer: int, experts: list[int]) -> list[ExpertWeights]:
         """Read the given experts of one MoE layer (all at once); returns their weights in order."""
+        return list(self.read_iter(layer, experts))
+
+    def read_iter(self, layer: int, experts: list[int]) -> Iterator[ExpertWeights]:
+        """Start reading the given experts of one MoE layer (all at once); yields their weights
+        in order, each as soon as its own read is done."""
         futures = [self._pool.submit(self._read_one, layer, e) for e in experts]
-        return [f.result() for f in futures]
+        return (f.result() for f in futures)
 
     def _staging(self, nbytes: int) -> np.ndarray:
         idle = self._buffers.setdefault(nbytes, queue.SimpleQueue())
@@ -135,7 +141,9 @@ class ExpertReader:
                     )
                 self._verified[layer_index][expert] = True
             weights = _to_mlx(buffer, layer)
-            mx.eval(weights)  # copy out of the staging buffer before it is reused
+            # mx.array copied the bytes; the re-views are operations of this thread's stream, which
+            # another thread cannot evaluate: evaluate them here.
+            mx.eval(weights)
             if (
                 self.config.page_cache == "bypass"
                 and not self._direct[layer_index]

@@ -3,10 +3,12 @@
 mlx-lm's MoE blocks call ``self.switch_mlp(x, indices)``. ``StreamingSwitch`` has the same call.
 Per call it syncs the router's indices to the host, serves the needed experts from the cache,
 reads all misses of the layer at once, and runs the original ``SwitchGLU`` computation over a
-stack of just those experts (indices remapped to stack slots). A prompt chunk goes through a
-layer as a whole, so prefill is layer-major and each needed expert is read once per chunk.
-When a chunk needs more experts than the cache budget holds, they are processed in groups
-that fit, each group evaluated before the next evicts it.
+stack of just those experts (indices remapped to stack slots); on CUDA with many rows per expert
+it instead computes expert by expert as each read completes (``grouped_experts.py``), so the
+compute overlaps the reads. A prompt chunk goes through a layer as a whole, so prefill is
+layer-major and each needed expert is read once per chunk. When a chunk needs more experts than
+the cache budget holds, they are processed in groups that fit, each group evaluated before the
+next evicts it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from .stats import Step
 from .store import LayerSpec, Manifest, StoreError
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
+#: On the grouped path, hand the GPU this many experts' work at a time while reads go on.
+GROUPED_EVAL_EVERY = 16
 
 
 @dataclass
@@ -99,34 +103,44 @@ class ExpertStreamer:
             self.steps.append(Step(tokens))
 
     def fetch(self, layer: int, experts: list[int]) -> list[ExpertWeights]:
-        """Weights of the given experts, pinned in the cache until ``release``."""
+        """Weights of the given experts, in order, pinned in the cache until ``release``."""
+        found = dict(self.fetch_iter(layer, experts))
+        return [found[e] for e in experts]
+
+    def fetch_iter(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        """``(expert, weights)`` for the given experts as each becomes available: cached ones
+        first, then each miss as its read completes (all misses are read at once), so a caller
+        can compute with the first experts while the rest are still being read. Pinned in the
+        cache until ``release``; ``io_seconds`` counts only the time spent waiting here."""
         keys = [(layer, e) for e in experts]
         found = {e: self.cache.lookup(k) for e, k in zip(experts, keys, strict=True)}
         self.cache.pin(k for k in keys if k in self.cache)
         missing = [e for e in experts if found[e] is None]
-        nbytes, seconds = 0, 0.0
-        if missing:
-            spec = self.manifest.layers[layer]
+        reads = self.reader.read_iter(layer, missing)
+        self._count(layer, hits=len(experts) - len(missing), misses=0, nbytes=0, seconds=0.0)
+        yield from ((e, w) for e, w in found.items() if w is not None)
+        spec = self.manifest.layers[layer]
+        for e in missing:
             tic = time.perf_counter()
-            loaded = self.reader.read(layer, missing)
+            weights = next(reads)
             seconds = time.perf_counter() - tic
-            nbytes = len(missing) * spec.record_bytes
-            self.counters.io_seconds += seconds
-            self.counters.experts_read += len(missing)
-            self.counters.bytes_read += nbytes
-            for e, weights in zip(missing, loaded, strict=True):
-                self.cache.insert((layer, e), weights, spec.record_bytes)
-                self.cache.pin([(layer, e)])
-                found[e] = weights
-        hits = len(experts) - len(missing)
-        self.counters.count_layer(layer, hits, len(missing), nbytes)
+            self.cache.insert((layer, e), weights, spec.record_bytes)
+            self.cache.pin([(layer, e)])
+            self._count(layer, hits=0, misses=1, nbytes=spec.record_bytes, seconds=seconds)
+            yield e, weights
+
+    def _count(self, layer: int, hits: int, misses: int, nbytes: int, seconds: float) -> None:
+        c = self.counters
+        c.io_seconds += seconds
+        c.experts_read += misses
+        c.bytes_read += nbytes
+        c.count_layer(layer, hits, misses, nbytes)
         if self.steps:
             step = self.steps[-1]
             step.hits += hits
-            step.misses += len(missing)
+            step.misses += misses
             step.bytes_read += nbytes
             step.io_seconds += seconds
-        return [found[e] for e in experts]
 
     def release(self) -> None:
         self.cache.unpin_all()
@@ -153,17 +167,18 @@ class StreamingSwitch(nn.Module):
         self._streamer = streamer
 
     def _run(self, x: mx.array, host: np.ndarray, dtype: mx.Dtype, experts: list[int]) -> mx.array:
-        """The original SwitchGLU computation over a stack of ``experts`` only."""
-        weights = self._streamer.fetch(self._layer, experts)
+        """The original SwitchGLU computation over ``experts`` only (the ids ``host`` uses)."""
         template = self._template.module
+        if use_grouped(template, host):
+            # Expert by expert as the reads complete: compute overlaps the remaining reads.
+            arriving = self._streamer.fetch_iter(self._layer, experts)
+            return grouped_switch(template, x, host, arriving, eval_every=GROUPED_EVAL_EVERY)
+        weights = self._streamer.fetch(self._layer, experts)
         template.update(tree_unflatten(list(_stack(weights).items())))
         # Expert ids -> stack slots; monotonic, so SwitchGLU's sort order is unchanged.
         slot = np.zeros(max(experts) + 1, dtype=np.int64)
         slot[experts] = np.arange(len(experts))
-        slots = slot[host]
-        if use_grouped(template, slots):
-            return grouped_switch(template, x, slots)
-        return template(x, mx.array(slots, dtype=dtype))
+        return template(x, mx.array(slot[host], dtype=dtype))
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         streamer = self._streamer

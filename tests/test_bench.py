@@ -328,6 +328,8 @@ def test_h200_prefill_tiny(tmp_path, monkeypatch):
                  "experts_grouped", "shared_expert", "moe_block", "experts_floor"):
         assert layers[name] > 0, name
     assert json.loads((tmp_path / "h200_prefill.json").read_text())["config"]["tokens"] == 24
+    # each part's first (compiling) run is kept apart from the warm median
+    assert set(report["first_run_seconds"]) >= {"gdn_layer_fast", "experts_grouped", "recurrence_chunked"}
     assert (tmp_path / "h200_prefill.md").read_text().startswith("Prefill of 24 tokens")
 
 
@@ -356,3 +358,34 @@ def test_h200_layers_prefill_only_tiny(tmp_path):
     assert len(report["prefill"]["runs"]) == 2 and len(report["prefill"]["per_layer_seconds"]["moe"]) == 4
     # the three GatedDeltaNet layers take the fast recurrence (on CPU: the chunked form)
     assert report["prefill"]["gated_delta_paths"] == ["chunked"] * 3
+
+
+def test_h200_layers_prefill_grouped_and_stacked_tiny(tmp_path, monkeypatch):
+    from flashmoe_backend import grouped_experts
+
+    monkeypatch.setattr(grouped_experts, "_on_cuda", lambda: True)  # CUDA's expert path, on CPU
+    script = _load_script("h200_layers")
+    runs = {}
+    for flag in ([], ["--stacked"]):
+        argv = ["--tiny", "--prefill-only", "--prefill", "64", "--prefill-runs", "1",
+                "--workdir", str(tmp_path / "work"), *flag]
+        runs["stacked" if flag else "grouped"] = script.main(argv)["prefill"]
+    grouped, stacked = runs["grouped"], runs["stacked"]
+    assert grouped["grouped_expert_calls"] == 4 and stacked["grouped_expert_calls"] == 0
+    # the same experts read either way; only the stacked path copies them into a stack
+    assert grouped["experts_needed"] == stacked["experts_needed"] > 0
+    assert grouped["components_seconds"]["expert_stack"] == 0 < stacked["components_seconds"]["expert_stack"]
+
+
+def test_h200_probe_tiny(tmp_path, monkeypatch):
+    script = _load_script("h200_probe")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    report = script.main(["--tiny", "--workdir", str(tmp_path / "work")])
+    stages = report["stages"]
+    assert list(stages) == ["1_fresh", "2_after_read", "3_after_free", "4_after_clear_cache",
+                            "5_prefill", "5_prefill_parts_after"]
+    for name in ("gdn", "router", "shared_expert", "attention"):
+        assert stages["1_fresh"][name]["first"] > 0 and stages["1_fresh"][name]["warm"] > 0, name
+    assert stages["5_prefill"]["choices"]["gated_delta"] == ["chunked"] * 3
+    assert len(stages["5_prefill"]["per_layer"]["moe"]) == 4
+    assert json.loads((tmp_path / "probe.json").read_text())["stages"].keys() == stages.keys()

@@ -173,7 +173,7 @@ def test_prefill_reads_each_needed_expert_once_per_chunk(checkpoints):
     for budget_fraction in (1.0, 0.3):  # of ONE layer's experts: 0.3 forces groups
         engine = FlashMoE.load(store, cache_gb=budget_fraction * layer_gb, prefill_step_size=256)
         reads = []
-        engine.streamer.reader.read = _recording(engine.streamer.reader.read, reads)
+        engine.streamer.reader.read_iter = _recording(engine.streamer.reader.read_iter, reads)
         engine.model(mx.array(prompt[:256])[None], cache=make_prompt_cache(engine.model))
         per_layer = {}
         for layer, experts in reads:

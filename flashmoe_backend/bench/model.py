@@ -44,15 +44,16 @@ class _ModelProbe:
 
 
 def _record_fetches(streamer) -> list[tuple[int, list[int]]]:
-    """Note every ``streamer.fetch`` call's (layer, experts) in the returned list, from now on."""
+    """Note every fetch's (layer, experts) in the returned list, from now on (``fetch`` goes
+    through ``fetch_iter``)."""
     steps: list[tuple[int, list[int]]] = []
-    fetch = streamer.fetch
+    fetch_iter = streamer.fetch_iter
 
     def recording(layer, experts):
         steps.append((layer, list(experts)))
-        return fetch(layer, experts)
+        return fetch_iter(layer, experts)
 
-    streamer.fetch = recording
+    streamer.fetch_iter = recording
     return steps
 
 

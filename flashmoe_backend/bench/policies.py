@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -17,8 +17,8 @@ from .synthetic_store import synthetic_manifest
 class NullReader:
     """A reader that reads nothing: cache simulations through the real ExpertStreamer."""
 
-    def read(self, layer: int, experts: list[int]) -> list:
-        return [()] * len(experts)  # any value but None (the streamer's "not cached")
+    def read_iter(self, layer: int, experts: list[int]) -> Iterator:
+        return iter([()] * len(experts))  # any value but None (the streamer's "not cached")
 
 
 class OraclePolicy(_LFU):
