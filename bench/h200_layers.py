@@ -23,10 +23,12 @@ and measures:
   measured here (O_DIRECT reads of the store's records in layer-sized batches; a device
   reduction over cached experts), and the same plus missed bytes / best upload bandwidth (a
   discrete GPU adds that hop; Apple's unified memory does not);
-* K=4 instead of the model's 10; layer-major prefill of a prompt chunk against one raw pass over
-  the experts it needs (split by barriers into its parts, per layer; run twice, cold kernels
-  then warm); and the same layers with every expert in device memory (the mlx-lm
-  speed ceiling), which also checks that the streamed layers compute the same logits.
+* K=4 instead of the model's 10; decode with the grouped expert path (each expert computed as
+  its read completes, no stack) instead of mlx-lm's ``gather_qmm`` over a stack; layer-major
+  prefill of a prompt chunk against one raw pass over the experts it needs (split by barriers
+  into its parts, per layer; run twice, cold kernels then warm); and the same layers with every
+  expert in device memory (the mlx-lm speed ceiling), which also checks that the streamed layers
+  compute the same logits.
 
 On the GPU machine (with MLX's CUDA build), from the repository root:
 
@@ -58,7 +60,7 @@ import mlx.nn as nn  # noqa: E402
 from h200_upload import PhasedReader, upload_study  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-from flashmoe_backend import streaming  # noqa: E402
+from flashmoe_backend import grouped_experts, streaming  # noqa: E402
 from flashmoe_backend.bench.bandwidth import cold_read, floor_per_token, measure_disk, random_records  # noqa: E402
 from flashmoe_backend.bench.pagecache import evict_page_cache, store_files  # noqa: E402
 from flashmoe_backend.bench.replay import release_memory  # noqa: E402
@@ -478,16 +480,24 @@ def main(argv=None) -> dict:
         prompt = rng.integers(0, s["vocab"], size=s["prompt"]).tolist()
 
         # -- decode runs ----------------------------------------------------------------------
-        def run(name, reader, instrumented, k=None, drive=None):
+        def run(name, reader, instrumented, k=None, drive=None, min_rows=None):
+            """One decode run; ``min_rows`` overrides the grouped path's rows-per-expert threshold
+            (0: every call takes it, on CUDA)."""
             fresh(streamer, reader, budget, args.policy, files)
             if k is not None:
                 for layer in model.layers:
                     layer.mlp.top_k = k
+            threshold, choose, grouped = grouped_experts.MIN_ROWS_PER_EXPERT, streaming.use_grouped, []
+            if min_rows is not None:
+                grouped_experts.MIN_ROWS_PER_EXPERT = min_rows
+            streaming.use_grouped = lambda *a: grouped.append(choose(*a)) or grouped[-1]
             try:
                 r = decode(model, streamer, prompt, s["warmup"], s["tokens"], instrumented, drive)
             finally:
+                grouped_experts.MIN_ROWS_PER_EXPERT, streaming.use_grouped = threshold, choose
                 for layer in model.layers:
                     layer.mlp.top_k = s["k"]
+            r["grouped_calls"] = sum(grouped)
             r.update(floors(r, rb, resident, disk["bytes_per_s"], memory["bytes_per_s"], up_bw))
             log(
                 f"{name}: {r['seconds_per_token'] * 1000:.1f} ms/token, hit {r['hit_rate']:.3f}, "
@@ -524,6 +534,11 @@ def main(argv=None) -> dict:
             lambda: run(
                 "engine reader, K=4", ExpertReader(store, manifest, engine_cfg), False, k=min(4, s["k"])
             ),
+        )
+        runs["engine_grouped"] = step(
+            "engine_grouped",
+            lambda: run("engine reader, grouped path", ExpertReader(store, manifest, engine_cfg), False,
+                        min_rows=0),
         )
         for r in runs.values():
             if r:

@@ -298,6 +298,9 @@ def _load_script(name: str):
 
 
 def test_h200_layers_tiny(tmp_path, monkeypatch):
+    from flashmoe_backend import grouped_experts
+
+    monkeypatch.setattr(grouped_experts, "_on_cuda", lambda: True)  # CUDA's expert paths, on CPU
     script = _load_script("h200_layers")
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     report = script.main(["--tiny", "--workdir", str(tmp_path / "work")])
@@ -312,6 +315,12 @@ def test_h200_layers_tiny(tmp_path, monkeypatch):
     assert report["upload_methods"] and all(m["ok"] is not None for m in report["upload_methods"])
     assert report["checks"]["outputs_match_in_memory_reference"]
     assert not (tmp_path / "work" / "store").exists()
+    # decode: one row per expert keeps gather_qmm, unless the grouped run lowers the threshold;
+    # the same tokens either way, so the same cache traffic
+    runs = report["decode_runs"]
+    assert runs["engine"]["grouped_calls"] == 0 < runs["engine_grouped"]["grouped_calls"]
+    assert (runs["engine_grouped"]["hits"], runs["engine_grouped"]["misses"]) == (
+        runs["engine"]["hits"], runs["engine"]["misses"])
 
 
 def test_h200_prefill_tiny(tmp_path, monkeypatch):
