@@ -73,11 +73,19 @@ def test_belady_bounds_every_policy():
     manifest = synthetic_manifest(2, 64, 4096)
     for capacity in (12, 32, 64):
         best = tr.belady(steps, capacity)["hit_rate"]
-        for policy, options in (("lru", {}), ("lfu", {}), ("lfu", {"half_life": math.inf, "guard": 6})):
+        rates = {}
+        for name, policy, options in (
+            ("lru", "lru", {}), ("lfu", "lfu", {}), ("lfu-inf", "lfu", {"half_life": math.inf, "guard": 6}),
+            ("oracle-popularity", policies.OraclePolicy(policies.layer_log_popularity(spec), 6), {}),
+            ("oracle-generator", policies.GeneratorOracle(spec), {}),
+        ):
             got = policies.simulate(steps, manifest, capacity * 4096, policy, **options)
             assert got["hit_rate"] <= best + 1e-12
             assert got["bytes_peak"] <= capacity * 4096
             assert got["bytes_read"] == got["misses"] * 4096
+            rates[name] = got["hit_rate"]
+        if capacity > 2 * spec.k:  # room beyond the current token's experts: knowing the generator helps
+            assert rates["oracle-generator"] > rates["lru"], capacity
 
 
 # -- cache policies ---------------------------------------------------------------------------
@@ -398,3 +406,35 @@ def test_h200_probe_tiny(tmp_path, monkeypatch):
     assert stages["5_prefill"]["choices"]["gated_delta"] == ["chunked"] * 3
     assert len(stages["5_prefill"]["per_layer"]["moe"]) == 4
     assert json.loads((tmp_path / "probe.json").read_text())["stages"].keys() == stages.keys()
+
+
+def test_router_recall_recomputes_the_engines_own_routing():
+    from flashmoe_backend import FlashMoE
+    from flashmoe_backend.bench.router_recall import moe_layers, next_layer_recall, record_states, routed
+    from flashmoe_backend.demo import default_store
+
+    engine = FlashMoE.load(default_store(), cache_gb=1.0)
+    fetched = []
+    fetch_iter = engine.streamer.fetch_iter
+    engine.streamer.fetch_iter = lambda layer, es: fetched.append(set(es)) or fetch_iter(layer, es)
+    with record_states(engine.model) as passes:
+        engine.generate("Who sold the bicycle?", max_tokens=6, temperature=0.0)
+    layers = len(moe_layers(engine.model))
+    assert len(passes) >= 3 and all(len(p["h"]) == len(p["x"]) == layers for p in passes)
+    # each decode pass (after the prompt's) routes exactly what the streaming layers fetched
+    decode = passes[1:]
+    tail = fetched[len(fetched) - len(decode) * layers:]
+    assert routed(engine.model, decode) == [tail[i:i + layers] for i in range(0, len(tail), layers)]
+    report = next_layer_recall(engine.model, [passes])
+    assert report["chance"] == 4 / 32 and report["layer_pairs"] == layers - 1
+    assert all(0.0 <= r <= 1.0 for r in report["recall"].values())
+    # the model's recorded state is restored
+    assert all(not hasattr(layer.input_layernorm, "inner") for layer in engine.model.layers)
+
+
+def test_prefetch_recall_script_on_the_demo_model(tmp_path):
+    script = _load_script("prefetch_recall")
+    report = script.main(["--n", "1", "--max-tokens", "4", "--json", str(tmp_path / "r.json")])
+    assert report["prompts"] == 4 and report["sequences"] == 4  # one held-out prompt per demo task
+    assert set(report["recall"]) == {"layer_ahead", "attention_ahead", "previous_token"}
+    assert json.loads((tmp_path / "r.json").read_text()) == report

@@ -33,7 +33,8 @@ Modules, roughly in the order a run uses them:
 * ``policies``: cache policies against Belady (no I/O); ``replay``: trace-driven decode and
   prefill through the real reader and cache; ``peers``: the mmap page-fault baseline;
 * ``experiments``: the synthetic mode's decode runs; ``synthetic``: the synthetic mode;
-  ``model``: the real-model mode;
+  ``model``: the real-model mode; ``router_recall``: how well a real model's next-layer experts
+  can be predicted (the recall the prefetch runs model; ``bench/prefetch_recall.py``);
 * ``verdicts``: targets, decisions and invariants; ``report``: markdown, and writing the report.
 """
 

@@ -33,6 +33,44 @@ class OraclePolicy(_LFU):
         return float(self._logp[key[0], key[1]])
 
 
+class GeneratorOracle:
+    """Evicts the expert the trace generator itself expects to use least over the next
+    ``horizon`` tokens of its layer: true popularity, discounted while the generator's spread
+    term still holds the expert back (used within its window), and the current token's experts
+    kept. Knows everything an online policy could learn about the trace, but not its random
+    draws: a ceiling for online policies on it (a reference point, not a usable policy; it assumes
+    each step touches exactly ``k`` experts of a layer)."""
+
+    def __init__(self, spec: tr.TraceSpec, horizon: int = 60):
+        self._logp = layer_log_popularity(spec)
+        self._k, self._window, self._spread, self._horizon = spec.k, spec.spread_window, spec.spread, horizon
+        self._resident = np.zeros(self._logp.shape, dtype=bool)
+        self._last = np.full(self._logp.shape, -(10**9), dtype=np.int64)  # token of last use
+        self._touches = np.zeros(self._logp.shape[0], dtype=np.int64)
+
+    def touch(self, key) -> None:
+        layer, expert = key
+        self._touches[layer] += 1
+        self._last[layer, expert] = (self._touches[layer] - 1) // self._k
+        self._resident[layer, expert] = True
+
+    def remove(self, key) -> None:
+        self._resident[key] = False
+
+    def victim(self, pinned):
+        age = ((self._touches - 1) // self._k)[:, None] - self._last
+        held_back = np.clip(self._window - age, 0, self._horizon)  # tokens still in the window
+        score = self._logp + np.log(self._horizon - self._spread * held_back)
+        score = np.where(age == 0, np.inf, score)  # the current token's: repeated next with p=repeat
+        score = np.where(self._resident, score, np.nan)
+        for key in pinned:
+            score[key] = np.nan
+        if np.isnan(score).all():
+            return None
+        flat = np.nanargmin(np.where(np.isinf(score), np.finfo(float).max, score))
+        return tuple(int(i) for i in np.unravel_index(flat, score.shape))
+
+
 def simulate(steps: Sequence[tr.Step], manifest: Manifest, budget_bytes: int, policy, **options) -> dict:
     """Hit rate of a policy (a name, or a policy object) over an access sequence, through the real
     ExpertStreamer and cache."""
@@ -71,6 +109,7 @@ def candidates(spec: tr.TraceSpec, half_lives: Sequence[float], guard: int) -> l
         out.append((f"lfu(half_life={hl:g},guard={guard})", "lfu", {"half_life": hl, "guard": guard}))
     if spec.drift == 0:  # the generator's popularity is only the truth while it does not drift
         out.append(("oracle-popularity (reference)", OraclePolicy(layer_log_popularity(spec), guard), {}))
+        out.append(("oracle-generator (reference)", GeneratorOracle(spec), {}))
     return out
 
 
@@ -92,7 +131,7 @@ def policy_study(
     half_lives: Sequence[float],
     guard: int,
 ) -> list[dict]:
-    """Hit rates of LRU, LFU variants, the popularity oracle and Belady, per trace and budget."""
+    """Hit rates of LRU, LFU variants, the two oracles and Belady, per trace and budget."""
     rows = []
     for trace_name, (spec, trace) in traces.items():
         manifest = synthetic_manifest(spec.layers, spec.experts, record_bytes)
