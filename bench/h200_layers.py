@@ -57,8 +57,9 @@ import engine_only  # noqa: E402, F401  (first: flashmoe_backend without its pac
 import h200_timing as timing  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+from h200_model import REAL, TINY, attach_store, build_model  # noqa: E402
 from h200_upload import PhasedReader, upload_study  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+from mlx.utils import tree_unflatten  # noqa: E402
 
 from flashmoe_backend import grouped_experts, streaming  # noqa: E402
 from flashmoe_backend.bench.bandwidth import cold_read, floor_per_token, measure_disk, random_records  # noqa: E402
@@ -66,127 +67,15 @@ from flashmoe_backend.bench.pagecache import evict_page_cache, store_files  # no
 from flashmoe_backend.bench.replay import release_memory  # noqa: E402
 from flashmoe_backend.bench.synthetic_store import expert_tensor_bytes, write_synthetic_store  # noqa: E402
 from flashmoe_backend.cache import DEFAULT_POLICY, ExpertCache  # noqa: E402
-from flashmoe_backend.kernels.gated_delta import install_fast_gated_delta  # noqa: E402
 from flashmoe_backend.reader import ExpertReader, ReaderConfig  # noqa: E402
 from flashmoe_backend.store import Manifest  # noqa: E402
-from flashmoe_backend.streaming import ExpertStreamer, StreamCounters, install_streaming  # noqa: E402
+from flashmoe_backend.streaming import ExpertStreamer, StreamCounters  # noqa: E402
 
 GiB = 1024**3
-REAL = dict(
-    hidden=4096,
-    layers=8,
-    experts=512,
-    k=10,
-    intermediate=1024,
-    shared=1024,
-    vocab=248_320,
-    heads=32,
-    kv_heads=2,
-    head_dim=256,
-    lin_k_heads=16,
-    lin_v_heads=64,
-    lin_k_dim=128,
-    lin_v_dim=128,
-    tokens=48,
-    warmup=16,
-    prompt=16,
-    prefill=2048,
-    upload_records=16,
-)
-TINY = dict(
-    hidden=128,
-    layers=4,
-    experts=32,
-    k=4,
-    intermediate=64,
-    shared=64,
-    vocab=512,
-    heads=4,
-    kv_heads=2,
-    head_dim=32,
-    lin_k_heads=2,
-    lin_v_heads=4,
-    lin_k_dim=32,
-    lin_v_dim=32,
-    tokens=5,
-    warmup=3,
-    prompt=4,
-    prefill=24,
-    upload_records=4,
-)
 
 
 def log(msg: str) -> None:
     print(f"[h200 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
-
-
-def model_config(s: dict) -> dict:
-    text = dict(
-        model_type="qwen3_5_moe_text",
-        vocab_size=s["vocab"],
-        hidden_size=s["hidden"],
-        num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"],
-        head_dim=s["head_dim"],
-        num_experts=s["experts"],
-        num_experts_per_tok=s["k"],
-        moe_intermediate_size=s["intermediate"],
-        shared_expert_intermediate_size=s["shared"],
-        linear_num_key_heads=s["lin_k_heads"],
-        linear_num_value_heads=s["lin_v_heads"],
-        linear_key_head_dim=s["lin_k_dim"],
-        linear_value_head_dim=s["lin_v_dim"],
-        linear_conv_kernel_dim=4,
-        full_attention_interval=4,
-        max_position_embeddings=262_144,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        norm_topk_prob=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
-    )
-    return {"model_type": "qwen3_5_moe", "text_config": text}
-
-
-def build_model(s: dict, seed: int):
-    """mlx-lm's Qwen3.5-MoE at shape ``s``, random weights, lazily (nothing evaluated yet)."""
-    from mlx_lm.models import qwen3_5_moe
-
-    mx.random.seed(seed)
-    # eval(): as mlx-lm's loader does; a module in training mode takes GatedDeltaNet's slow path.
-    return qwen3_5_moe.Model(qwen3_5_moe.ModelArgs.from_dict(model_config(s))).eval()
-
-
-def finish_resident(model, dtype) -> int:
-    """Quantize the non-expert weights like mlx-community (4-bit, router and shared-expert gate
-    8-bit), cast the rest to ``dtype``, evaluate; returns resident bytes read per token (all of
-    them but the embedding table, of which one row)."""
-
-    def predicate(path, module):
-        if not hasattr(module, "to_quantized"):
-            return False
-        if path.endswith("mlp.gate") or path.endswith("shared_expert_gate"):
-            return {"group_size": 64, "bits": 8}
-        return module.weight.shape[-1] % 64 == 0
-
-    nn.quantize(model, group_size=64, bits=4, class_predicate=predicate)
-    cast = [
-        (k, v.astype(dtype))
-        for k, v in tree_flatten(model.parameters())
-        if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype and not k.endswith("A_log")
-    ]
-    model.update(tree_unflatten(cast))
-    params = dict(tree_flatten(model.parameters()))
-    mx.eval(params)
-    total = sum(v.nbytes for v in params.values())
-    embed = sum(v.nbytes for k, v in params.items() if ".embed_tokens." in k)
-    rows = model.language_model.args.vocab_size
-    return total - embed + embed // rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,15 +325,8 @@ def main(argv=None) -> dict:
         )
         files = store_files(store, manifest)
         rb = manifest.layers[0].record_bytes
-        budget = int(args.budget_frac * manifest.expert_bytes) // rb * rb
-        streamer = ExpertStreamer(
-            manifest,
-            ExpertReader(store, manifest, ReaderConfig(args.io_threads)),
-            ExpertCache(budget, args.policy),
-        )
-        install_streaming(model, manifest, streamer)
-        install_fast_gated_delta()  # as FlashMoE.load does
-        resident = finish_resident(model, dtype)
+        streamer, budget, resident = attach_store(model, store, manifest, args.budget_frac, args.policy,
+                                                  args.io_threads, dtype)
         report["store"] = {
             "expert_bytes": manifest.expert_bytes,
             "record_bytes": rb,
@@ -487,17 +369,17 @@ def main(argv=None) -> dict:
             if k is not None:
                 for layer in model.layers:
                     layer.mlp.top_k = k
-            threshold, choose, grouped = grouped_experts.MIN_ROWS_PER_EXPERT, streaming.use_grouped, []
+            threshold = grouped_experts.MIN_ROWS_PER_EXPERT
             if min_rows is not None:
                 grouped_experts.MIN_ROWS_PER_EXPERT = min_rows
-            streaming.use_grouped = lambda *a: grouped.append(choose(*a)) or grouped[-1]
             try:
-                r = decode(model, streamer, prompt, s["warmup"], s["tokens"], instrumented, drive)
+                with timing.recorded_choices() as choices:
+                    r = decode(model, streamer, prompt, s["warmup"], s["tokens"], instrumented, drive)
             finally:
-                grouped_experts.MIN_ROWS_PER_EXPERT, streaming.use_grouped = threshold, choose
+                grouped_experts.MIN_ROWS_PER_EXPERT = threshold
                 for layer in model.layers:
                     layer.mlp.top_k = s["k"]
-            r["grouped_calls"] = sum(grouped)
+            r["grouped_calls"] = sum(choices["grouped"])
             r.update(floors(r, rb, resident, disk["bytes_per_s"], memory["bytes_per_s"], up_bw))
             log(
                 f"{name}: {r['seconds_per_token'] * 1000:.1f} ms/token, hit {r['hit_rate']:.3f}, "

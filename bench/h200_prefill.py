@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import h200_layers as real  # noqa: E402  (also makes flashmoe_backend importable without extras)
+import h200_model as real  # noqa: E402  (also makes flashmoe_backend importable without extras)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
@@ -75,23 +75,6 @@ def timed(label: str, fn, reps: int, slow: float = 2.0) -> float:
 
 def text_args(s: dict) -> qwen3_5.TextModelArgs:
     return qwen3_5.TextModelArgs.from_dict(real.model_config(s)["text_config"])
-
-
-def quantize_resident(module: nn.Module, dtype) -> None:
-    """Like the mlx-community checkpoints: 4-bit linears, router and shared gate 8-bit."""
-
-    def predicate(path, m):
-        if not hasattr(m, "to_quantized"):
-            return False
-        if path.endswith("gate") and getattr(m, "weight", None) is not None and m.weight.shape[0] <= 512:
-            return {"group_size": 64, "bits": 8}
-        return m.weight.shape[-1] % 64 == 0
-
-    nn.quantize(module, group_size=64, bits=4, class_predicate=predicate)
-    floats = [(k, v.astype(dtype)) for k, v in tree_flatten(module.parameters())
-              if mx.issubdtype(v.dtype, mx.floating) and not k.endswith("A_log")]
-    module.update(tree_unflatten(floats))
-    mx.eval(module.parameters())
 
 
 def random_experts(block: nn.Module, dtype) -> None:
@@ -143,19 +126,19 @@ def bench_layers(s: dict, tokens: int, reps: int, dtype, skip_baselines: bool) -
     out = {}
 
     gdn = qwen3_5.GatedDeltaNet(args).eval()  # a module in training mode skips fast paths
-    quantize_resident(gdn, dtype)
+    real.quantize_resident(gdn, dtype)
     if not skip_baselines:
         out["gdn_layer_mlx_lm"] = timed("gdn_layer_mlx_lm", lambda: gdn(x, None, ArraysCache(size=2)), reps)
     with fast_gated_delta():
         out["gdn_layer_fast"] = timed("gdn_layer_fast", lambda: gdn(x, None, ArraysCache(size=2)), reps)
 
     attn = qwen3_5.Attention(args).eval()
-    quantize_resident(attn, dtype)
+    real.quantize_resident(attn, dtype)
     out["attention_layer"] = timed("attention_layer", lambda: attn(x, "causal", KVCache()), reps)
 
     block = qwen3_5.SparseMoeBlock(args).eval()
     random_experts(block, dtype)
-    quantize_resident(block, dtype)
+    real.quantize_resident(block, dtype)
     k = args.num_experts_per_tok
 
     def route():

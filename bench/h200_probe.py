@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import h200_layers as real  # noqa: E402  (also makes flashmoe_backend importable without extras)
+import h200_model as real  # noqa: E402  (also makes flashmoe_backend importable without extras)
 import h200_timing as timing  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -46,9 +46,6 @@ from flashmoe_backend import streaming  # noqa: E402
 from flashmoe_backend.bench.synthetic_store import write_synthetic_store  # noqa: E402
 from flashmoe_backend.cache import ExpertCache  # noqa: E402
 from flashmoe_backend.grouped_experts import grouped_switch  # noqa: E402
-from flashmoe_backend.kernels import gated_delta  # noqa: E402
-from flashmoe_backend.reader import ExpertReader, ReaderConfig  # noqa: E402
-from flashmoe_backend.streaming import ExpertStreamer, install_streaming  # noqa: E402
 
 REPORT: dict = {"stages": {}, "samples": []}
 T0 = time.perf_counter()
@@ -151,13 +148,8 @@ def main(argv=None) -> dict:
         model = real.build_model(s, 0)
         manifest = write_synthetic_store(store, s["layers"], s["experts"], s["hidden"], s["intermediate"],
                                          k=s["k"], threads=min(s["layers"], os.cpu_count() or 1))
-        rb = manifest.layers[0].record_bytes
-        budget = int(0.25 * manifest.expert_bytes) // rb * rb
-        reader = ExpertReader(store, manifest, ReaderConfig(16))
-        streamer = ExpertStreamer(manifest, reader, ExpertCache(budget, "lfu"))
-        install_streaming(model, manifest, streamer)
-        gated_delta.install_fast_gated_delta()
-        real.finish_resident(model, dtype)
+        streamer, budget, _ = real.attach_store(model, store, manifest, 0.25, "lfu", 16, dtype)
+        reader = streamer.reader
         log(f"model ready {memory()}")
         x = (0.5 * mx.random.normal((1, tokens, s["hidden"]))).astype(dtype)
         mx.eval(x)

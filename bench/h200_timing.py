@@ -63,20 +63,12 @@ def instrument(model, on: bool) -> None:
 
 
 @contextlib.contextmanager
-def prefill_barriers(model):
-    """Barriers for a prefill's time split: around each layer's attention/GatedDeltaNet and MoE
-    block (``instrument``) and around the stacking of fetched experts; yields the choices made:
-    each expert call's use of the grouped path (``"grouped"``: ``use_grouped``) and each
-    GatedDeltaNet call's recurrence (``"gated_delta"``: ``select_gated_delta_path``)."""
+def recorded_choices():
+    """Record the paths the engine takes, into the dict yielded: each expert call's use of the
+    grouped path (``"grouped"``: ``use_grouped``) and each GatedDeltaNet call's recurrence
+    (``"gated_delta"``: ``select_gated_delta_path``)."""
     choices: dict[str, list] = {"grouped": [], "gated_delta": []}
-    stack, choose, select = streaming._stack, streaming.use_grouped, gated_delta.select_gated_delta_path
-
-    def timed_stack(weights):
-        tic = time.perf_counter()
-        out = stack(weights)
-        mx.eval(list(out.values()))
-        CALLS["stack"].append(time.perf_counter() - tic)
-        return out
+    choose, select = streaming.use_grouped, gated_delta.select_gated_delta_path
 
     def counted(template, slots):
         choices["grouped"].append(choose(template, slots))
@@ -86,12 +78,32 @@ def prefill_barriers(model):
         choices["gated_delta"].append(select(*args, **kwargs))
         return choices["gated_delta"][-1]
 
-    instrument(model, True)
-    streaming._stack, streaming.use_grouped = timed_stack, counted
-    gated_delta.select_gated_delta_path = selected
+    streaming.use_grouped, gated_delta.select_gated_delta_path = counted, selected
     try:
         yield choices
     finally:
-        streaming._stack, streaming.use_grouped = stack, choose
-        gated_delta.select_gated_delta_path = select
+        streaming.use_grouped, gated_delta.select_gated_delta_path = choose, select
+
+
+@contextlib.contextmanager
+def prefill_barriers(model):
+    """Barriers for a prefill's time split: around each layer's attention/GatedDeltaNet and MoE
+    block (``instrument``) and around the stacking of fetched experts; yields the paths taken
+    (``recorded_choices``)."""
+    stack = streaming._stack
+
+    def timed_stack(weights):
+        tic = time.perf_counter()
+        out = stack(weights)
+        mx.eval(list(out.values()))
+        CALLS["stack"].append(time.perf_counter() - tic)
+        return out
+
+    instrument(model, True)
+    streaming._stack = timed_stack
+    try:
+        with recorded_choices() as choices:
+            yield choices
+    finally:
+        streaming._stack = stack
         instrument(model, False)

@@ -64,13 +64,16 @@ def grouped_switch(
     spans = {int(e): (int(a), int(b)) for e, a, b in zip(used, starts, ends, strict=True)}
     rows = x.reshape(-1, x.shape[-1])[mx.array(order // k)]
     outputs: dict[int, mx.array] = {}
+    pending: list[mx.array] = []
     for e, tensors in _stacked(template, used) if experts is None else experts:
         if e not in spans:
             continue  # given but routed to by no row
         a, b = spans[e]
         outputs[e] = _expert_mlp(template, tensors, rows[a:b])
-        if eval_every and len(outputs) % eval_every == 0:
-            mx.async_eval(list(outputs.values())[-eval_every:])
+        pending.append(outputs[e])
+        if len(pending) == eval_every:
+            mx.async_eval(pending)
+            pending = []
     absent = [int(e) for e in used if int(e) not in outputs]
     if absent:
         raise ValueError(f"experts {absent[:5]} are routed to but were not given")

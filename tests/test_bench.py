@@ -239,6 +239,11 @@ def test_tiny_synthetic_report_structure(tiny_report):
         shares = [v for v in r["time_shares"].values() if v is not None]
         assert all(0 <= v <= 1.0 + 1e-9 for v in shares)
     assert set(report["targets"]) == set(bench.TARGETS)
+    # the most an online policy could reach: the better of the two oracles at the target's budget
+    oracles = [r["over_belady"] for r in report["policies"] if r["policy"].startswith("oracle")
+               and r["trace"] == "calibrated" and r["budget_fraction"] == 0.25]
+    assert len(oracles) == 2
+    assert report["targets"]["hit_rate_over_belady"]["online_reference_over_belady"] == max(oracles)
     assert set(report["decisions"]) == {"default_policy", "page_cache", "prefetch"}
     for section in ("Routing trace", "Cache policies vs Belady", "Decode", "Prefill", "Targets"):
         assert section in markdown

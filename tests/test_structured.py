@@ -18,11 +18,11 @@ from pydantic import BaseModel, Field
 
 from flashmoe_backend import vocabulary as voc
 from flashmoe_backend.json_schema import integer_range_regex, number_range_regex, schema_to_regex
+from flashmoe_backend.outlines_model import from_mlxlm
 from flashmoe_backend.structured import (
     Constraint,
     IncompleteOutputError,
     StructuredOutputError,
-    from_mlxlm,
     response_format_to_regex,
 )
 from flashmoe_backend.vocabulary import Vocabulary, compile_index

@@ -61,14 +61,13 @@ class GeneratorOracle:
         age = ((self._touches - 1) // self._k)[:, None] - self._last
         held_back = np.clip(self._window - age, 0, self._horizon)  # tokens still in the window
         score = self._logp + np.log(self._horizon - self._spread * held_back)
-        score = np.where(age == 0, np.inf, score)  # the current token's: repeated next with p=repeat
-        score = np.where(self._resident, score, np.nan)
+        # the current token's experts last: repeated at the next token with probability ``repeat``
+        score = np.where(age == 0, np.finfo(float).max, score)
+        score = np.where(self._resident, score, np.inf)
         for key in pinned:
-            score[key] = np.nan
-        if np.isnan(score).all():
-            return None
-        flat = np.nanargmin(np.where(np.isinf(score), np.finfo(float).max, score))
-        return tuple(int(i) for i in np.unravel_index(flat, score.shape))
+            score[key] = np.inf
+        best = np.unravel_index(np.argmin(score), score.shape)
+        return None if np.isinf(score[best]) else (int(best[0]), int(best[1]))
 
 
 def simulate(steps: Sequence[tr.Step], manifest: Manifest, budget_bytes: int, policy, **options) -> dict:
