@@ -199,8 +199,7 @@ class FlashMoE:
             tokens = TokenStream(self.model, self.tokenizer, prompt_ids[-1:], params,
                                  self.prefill_step_size, prompt_cache=cache,
                                  context_ids=prompt_ids[:-1],
-                                 extra_processors=plan.processors(self.tokenizer, in_think,
-                                                                  params.max_tokens))
+                                 extra_processors=plan.processors(params.max_tokens))
             markup = MarkupFilter(in_think, markup=plan.mode != "structured")
             for chunk in tokens:
                 for kind, text in markup.feed(chunk.text):

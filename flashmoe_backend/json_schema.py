@@ -1,48 +1,64 @@
-"""JSON schema -> regular expression, on top of outlines-core's ``build_regex_from_schema``.
+"""JSON schemas for the grammar engine: loading, checking, and embedding them in Lark grammars.
 
-:func:`schema_to_regex` first rejects malformed schemas with a clear :class:`ValueError` and
-renders itself what outlines-core 0.2.14 leaves out or gets wrong: integer and number
-``minimum``/``maximum`` (exclusive too, see :func:`integer_range_regex` /
-:func:`number_range_regex`) and JSON-safe string formats (:data:`FORMAT_REGEXES`).
+llguidance compiles JSON Schema (draft 2020-12) itself; this module decides what reaches it:
+
+* :func:`load_schema` / :func:`check_schema` reject malformed schemas with a
+  :class:`ValueError` that names the problem and where it is (meta-schema, local ``$ref``s,
+  ``$schema``), and refuse what llguidance would enforce more loosely than JSON Schema means it
+  (:func:`check_schema` lists those cases); :func:`load_schema` also spells out the regex escapes
+  whose meaning differs between ECMA-262 (JSON Schema's regex dialect), llguidance and Python's
+  ``re`` (:func:`ecma_regex`), so that the grammar and the output validator agree;
+* :func:`json_grammar` is the schema as a Lark fragment (``%json{...}``) with the project's
+  whitespace rules;
+* :func:`compile_errors` turns llguidance's verdict into :class:`UnsupportedSchemaError`, which
+  names each keyword it cannot enforce and every path it occurs at, so a constraint is never lost
+  silently. With ``lenient=True`` (tool parameters) those keywords are dropped from the grammar
+  and reported back instead; the tool-call parser then checks them after generation.
 """
 
 from __future__ import annotations
 
-import copy
+import decimal
 import json
 import math
 import re
-import warnings
-from decimal import Decimal, InvalidOperation
+from collections.abc import Iterator
 from typing import Any
-
-from outlines_core.json_schema import build_regex_from_schema
 
 __all__ = [
     "DEFAULT_WHITESPACE",
-    "FORMAT_REGEXES",
-    "integer_range_regex",
-    "number_range_regex",
+    "UnsupportedSchemaError",
+    "check_schema",
+    "ecma_regex",
+    "json_grammar",
+    "keyword_paths",
+    "load_schema",
     "regex_escape",
-    "schema_to_regex",
+    "unsupported_keywords",
 ]
 
 #: Whitespace allowed wherever JSON allows whitespace: at most one space.
 DEFAULT_WHITESPACE = r"[ ]?"
 
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then",
+               "else", "unevaluatedItems", "unevaluatedProperties", "additionalItems")
 
-# =============================================================================================
-# Regex helpers: escaping, integer and number ranges
-# =============================================================================================
 
-_REGEX_META = set("\\.+*?()|[]{}^$#&-~")
+class UnsupportedSchemaError(ValueError):
+    """The grammar engine cannot enforce a keyword of the schema (named with its paths)."""
+
+    def __init__(self, message: str, keywords: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keywords = keywords
 
 
 def regex_escape(text: str) -> str:
-    """Escape ``text`` for outlines-core's (Rust) regex syntax; also valid for Python's ``re``."""
+    """Escape ``text`` for a regex (Rust/llguidance syntax; also valid for Python's ``re``)."""
     out = []
     for c in text:
-        if c in _REGEX_META:
+        if c in "\\.+*?()|[]{}^$#&-~/":
             out.append("\\" + c)
         elif c == "\n":
             out.append(r"\n")
@@ -55,409 +71,12 @@ def regex_escape(text: str) -> str:
     return "".join(out)
 
 
-def _grp(r: str) -> str:
-    return f"({r})" if "|" in r else r
+def load_schema(schema: Any) -> dict:
+    """A JSON schema given as a dict or JSON text, as a dict (``ValueError`` if it is not one).
 
-
-def _digit_class(lo: int, hi: int) -> str:
-    return str(lo) if lo == hi else f"[{lo}-{hi}]"
-
-
-def _same_length_range(a: str, b: str) -> str:
-    """Regex for the decimal strings of the same length as ``a`` and ``b`` with a <= s <= b."""
-    if a == b:
-        return a
-    if a[0] == b[0]:
-        return a[0] + _grp(_same_length_range(a[1:], b[1:]))
-    n = len(a) - 1
-    lo, hi = int(a[0]), int(b[0])
-    if n == 0:
-        return _digit_class(lo, hi)
-    alts = []
-    if a[1:] == "0" * n:
-        full_lo = lo
-    else:
-        alts.append(a[0] + _grp(_same_length_range(a[1:], "9" * n)))
-        full_lo = lo + 1
-    tail = None
-    if b[1:] == "9" * n:
-        full_hi = hi
-    else:
-        full_hi = hi - 1
-        tail = b[0] + _grp(_same_length_range("0" * n, b[1:]))
-    if full_lo <= full_hi:
-        rest = "[0-9]" if n == 1 else f"[0-9]{{{n}}}"
-        alts.append(_digit_class(full_lo, full_hi) + rest)
-    if tail:
-        alts.append(tail)
-    return "|".join(alts)
-
-
-def _nonneg_int_range(lo: int, hi: int | None) -> str | None:
-    """Regex for canonical decimal integers n with lo <= n <= hi (``hi=None``: no bound), lo >= 0."""
-    if hi is not None and lo > hi:
-        return None
-    # Longest numbers first: outlines-core compiles regexes with leftmost-first semantics, so
-    # at the end of a regex an alternative whose match is a prefix of a later one's hides it
-    # ("[0-9]|[1-9][0-9]" would never produce "12").
-    alts = []
-    dlo = len(str(lo))
-    if hi is None:
-        alts.append(f"[1-9][0-9]{{{dlo},}}")
-        alts.append(_same_length_range(str(lo), "9" * dlo))
-    else:
-        for d in range(len(str(hi)), dlo - 1, -1):
-            a = max(lo, 10 ** (d - 1) if d > 1 else 0)
-            b = min(hi, 10**d - 1)
-            alts.append(_same_length_range(str(a), str(b)))
-    return "|".join(alts)
-
-
-def integer_range_regex(lo: int | None, hi: int | None) -> str:
-    """Regex for the JSON integers n with lo <= n <= hi (``None``: unbounded on that side)."""
-    parts = []
-    if lo is None or lo < 0:
-        m_lo = -hi if hi is not None and hi < 0 else 1
-        m_hi = None if lo is None else -lo
-        r = _nonneg_int_range(m_lo, m_hi)
-        if r:
-            parts.append("-" + _grp(r))
-    if hi is None or hi >= 0:
-        r = _nonneg_int_range(max(lo, 0) if lo is not None else 0, hi)
-        if r:
-            parts.append(r)
-    if not parts:
-        raise ValueError(f"empty integer range [{lo}, {hi}]")
-    return "|".join(parts)
-
-
-def _split_decimal(x: Decimal) -> tuple[int, str]:
-    """(integer part, fraction digits without trailing zeros) of a non-negative decimal."""
-    s = format(x, "f")
-    if "." in s:
-        i, f = s.split(".")
-        return int(i), f.rstrip("0")
-    return int(s), ""
-
-
-def _frac_range(
-    lo: str, lo_incl: bool, hi: str | None, hi_incl: bool
-) -> tuple[str | None, bool]:
-    """Digit strings s (the fraction 0.s) with 0.lo <=/< 0.s <=/< 0.hi (``hi=None``: below 1).
-
-    Returns (regex for the non-empty such strings or None, whether the empty string -- the value
-    0, i.e. no fraction at all -- is in range)."""
-    if hi == "":
-        if hi_incl and lo == "" and lo_incl:
-            return "0+", True
-        return None, False
-    if lo == "" and lo_incl and hi is None:
-        return "[0-9]+", True
-    if lo == "" and not lo_incl and hi is None:
-        return "0*[1-9][0-9]*", False
-    empty_ok = lo == "" and lo_incl  # hi is non-empty here, so 0 < 0.hi
-    l0, lrest = (int(lo[0]), lo[1:]) if lo else (0, "")
-    h0, hrest = (int(hi[0]), hi[1:]) if hi else (9, "")
-    alts = []
-    free_lo = free_hi = None
-    for d in range(l0, h0 + 1):
-        lower_tight = d == l0 and not (lo == "" and lo_incl)
-        upper_tight = hi is not None and d == h0
-        if not lower_tight and not upper_tight:
-            free_lo = d if free_lo is None else free_lo
-            free_hi = d
-            continue
-        sub = _frac_range(
-            lrest if lower_tight else "",
-            lo_incl if lower_tight else True,
-            hrest if upper_tight else None,
-            hi_incl if upper_tight else False,
-        )
-        ne, e = sub
-        if ne is None and not e:
-            continue
-        if ne is None:
-            alts.append(str(d))
-        else:
-            alts.append(str(d) + f"({ne})" + ("?" if e else ""))
-    if free_lo is not None:
-        alts.append(_digit_class(free_lo, free_hi) + "[0-9]*")
-    return ("|".join(alts) if alts else None), empty_ok
-
-
-def _nonneg_number_range(
-    lo: Decimal, lo_incl: bool, hi: Decimal | None, hi_incl: bool
-) -> str | None:
-    ia, fa = _split_decimal(lo)
-    alts = []
-
-    def add(int_re: str, frac: tuple[str | None, bool]) -> None:
-        ne, empty_ok = frac
-        if ne is None and not empty_ok:
-            return
-        if ne is None:
-            alts.append(int_re)
-        else:
-            alts.append(int_re + rf"(\.({ne}))" + ("?" if empty_ok else ""))
-
-    if hi is not None:
-        ib, fb = _split_decimal(hi)
-        if hi < lo or (hi == lo and not (lo_incl and hi_incl)):
-            return None
-        if ia == ib:
-            add(str(ia), _frac_range(fa, lo_incl, fb, hi_incl))
-            return "|".join(alts) or None
-    # Longer integer parts first (see _nonneg_int_range).
-    if hi is not None:
-        add(str(ib), _frac_range("", True, fb, hi_incl))
-    mid = _nonneg_int_range(ia + 1, (ib - 1) if hi is not None else None)
-    if mid:
-        add(_grp(mid), ("[0-9]+", True))
-    add(str(ia), _frac_range(fa, lo_incl, None, False))
-    return "|".join(alts) or None
-
-
-def number_range_regex(
-    lo: float | Decimal | None,
-    hi: float | Decimal | None,
-    *,
-    lo_inclusive: bool = True,
-    hi_inclusive: bool = True,
-) -> str:
-    """Regex for JSON numbers (no exponent) x with lo <=/< x <=/< hi (``None``: unbounded)."""
-    dlo = None if lo is None else _to_decimal(lo)
-    dhi = None if hi is None else _to_decimal(hi)
-    parts = []
-    zero = Decimal(0)
-    if dlo is None or dlo < 0:
-        if dhi is not None and dhi < 0:
-            y_lo, y_lo_incl = -dhi, hi_inclusive
-        else:
-            y_lo, y_lo_incl = zero, False
-        y_hi, y_hi_incl = (None, False) if dlo is None else (-dlo, lo_inclusive)
-        r = _nonneg_number_range(y_lo, y_lo_incl, y_hi, y_hi_incl)
-        if r:
-            parts.append("-" + _grp(r))
-    if dhi is None or dhi >= 0:
-        x_lo, x_lo_incl = (dlo, lo_inclusive) if dlo is not None and dlo >= 0 else (zero, True)
-        r = _nonneg_number_range(x_lo, x_lo_incl, dhi, hi_inclusive)
-        if r:
-            parts.append(r)
-    if not parts:
-        raise ValueError(f"empty number range ({lo}, {hi})")
-    return "|".join(parts)
-
-
-def _to_decimal(x: Any) -> Decimal:
-    if isinstance(x, bool) or not isinstance(x, (int, float, Decimal)):
-        raise ValueError(f"bound {x!r} is not a number")
-    if isinstance(x, float) and not math.isfinite(x):
-        raise ValueError(f"bound {x!r} is not finite")
-    try:
-        return Decimal(repr(x)) if isinstance(x, float) else Decimal(x)
-    except InvalidOperation:  # pragma: no cover
-        raise ValueError(f"bound {x!r} is not a number") from None
-
-
-# =============================================================================================
-# JSON schema -> regex
-# =============================================================================================
-
-# JSON-safe (no '"', '\\' or control characters) regexes for string formats that outlines-core
-# lacks or renders unsafely (its email/uri regexes can emit raw quotes inside the JSON string).
-_IPV4_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_HOST_LABEL = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?"
-FORMAT_REGEXES: dict[str, str] = {
-    "email": r"[a-zA-Z0-9][a-zA-Z0-9._%+-]{0,39}@" + _HOST_LABEL + r"(\." + _HOST_LABEL
-    + r"){0,3}\.[a-zA-Z]{2,10}",
-    "uri": r"(https?|ftp)://" + _HOST_LABEL + r"(\." + _HOST_LABEL + r"){0,4}(:[1-9][0-9]{0,4})?"
-    r"(/[a-zA-Z0-9._~%!$&'()*+,;=:@-]{0,40}){0,6}(\?[a-zA-Z0-9._~%!$&'()*+,;=:@/?-]{0,60})?",
-    "ipv4": rf"{_IPV4_OCTET}(\.{_IPV4_OCTET}){{3}}",
-    "hostname": _HOST_LABEL + r"(\." + _HOST_LABEL + r"){0,4}",
-}
-_YEAR = r"[1-9][0-9]{3}"
-_LEAP_YEAR = r"([1-9][0-9](0[48]|[2468][048]|[13579][26])|([2468][048]|[13579][26])00)"
-# Calendar-valid dates only (outlines-core's regex allows 2023-02-31, which validators reject).
-FORMAT_REGEXES["date"] = (
-    rf"({_YEAR}-(0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])"
-    rf"|{_YEAR}-(0[469]|11)-(0[1-9]|[12][0-9]|30)"
-    rf"|{_YEAR}-02-(0[1-9]|1[0-9]|2[0-8])"
-    rf"|{_LEAP_YEAR}-02-29)"
-)
-# RFC 3339 full-time: the UTC offset is required.
-FORMAT_REGEXES["time"] = (
-    r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
-)
-FORMAT_REGEXES["date-time"] = FORMAT_REGEXES["date"] + "T" + FORMAT_REGEXES["time"]
-FORMAT_REGEXES["url"] = FORMAT_REGEXES["uri"]
-_OUTLINES_FORMATS = {"uuid"}
-_PLACEHOLDER = "FLASHMOEPLACEHOLDER{}Q"
-_SCHEMA_LIST_KEYS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SCHEMA_DICT_KEYS = ("properties", "$defs", "definitions", "patternProperties")
-_SCHEMA_SINGLE_KEYS = ("items", "additionalProperties", "not", "contains", "additionalItems")
-_NUMERIC_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-
-
-def _check_schema_meta(schema: dict) -> None:
-    try:
-        import jsonschema
-    except ImportError:  # pragma: no cover
-        return
-    try:
-        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        cls.check_schema(schema)
-    except jsonschema.exceptions.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        raise ValueError(f"malformed JSON schema at {where}: {exc.message}") from None
-
-
-class _SchemaRewriter:
-    """Checks a schema for problems outlines-core would silently get wrong, and replaces the
-    sub-schemas we render ourselves (numeric ranges, formats) by placeholders."""
-
-    def __init__(self, root: dict) -> None:
-        self.subst: dict[str, str] = {}
-        self.root = root
-
-    def check_ref(self, ref: Any, path: str) -> None:
-        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
-            raise ValueError(
-                f"unsupported JSON schema at {path}: only local $refs ('#/...') are supported, "
-                f"got {ref!r}"
-            )
-        node: Any = self.root
-        for part in ref[2:].split("/") if ref != "#" else []:
-            part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(node, dict) or part not in node:
-                raise ValueError(f"malformed JSON schema at {path}: unresolvable $ref {ref!r}")
-            node = node[part]
-
-    def placeholder(self, regex: str) -> dict:
-        name = _PLACEHOLDER.format(len(self.subst))
-        self.subst[name] = regex
-        return {"const": name}
-
-    def rewrite(self, node: Any, path: str) -> Any:
-        if isinstance(node, bool):
-            return node
-        if not isinstance(node, dict):
-            raise ValueError(f"malformed JSON schema at {path}: expected an object, got {node!r}")
-        node = dict(node)
-        for k in _SCHEMA_LIST_KEYS:
-            if k in node:
-                if not isinstance(node[k], list) or (k != "prefixItems" and not node[k]):
-                    raise ValueError(f"malformed JSON schema at {path}/{k}: expected a list")
-                node[k] = [self.rewrite(s, f"{path}/{k}/{i}") for i, s in enumerate(node[k])]
-        for k in _SCHEMA_DICT_KEYS:
-            if k in node:
-                if not isinstance(node[k], dict):
-                    raise ValueError(f"malformed JSON schema at {path}/{k}: expected an object")
-                node[k] = {n: self.rewrite(s, f"{path}/{k}/{n}") for n, s in node[k].items()}
-        for k in _SCHEMA_SINGLE_KEYS:
-            if k in node and not isinstance(node[k], list):
-                node[k] = self.rewrite(node[k], f"{path}/{k}")
-        self._check(node, path)
-        if "$ref" in node:
-            self.check_ref(node["$ref"], path)
-        if "enum" in node or "const" in node or "$ref" in node:
-            return node
-        types = node.get("type")
-        if isinstance(types, list):
-            if len(types) > 1 and (
-                any(k in node for k in _NUMERIC_KEYS)
-                or ("string" in types and node.get("format") in FORMAT_REGEXES)
-            ):
-                rest = {k: v for k, v in node.items() if k != "type"}
-                return {"anyOf": [self.rewrite({**rest, "type": t}, path) for t in types]}
-            if len(types) == 1:
-                types = types[0]
-        if types == "integer" and any(k in node for k in _NUMERIC_KEYS):
-            lo, lo_incl, hi, hi_incl = _bounds(node, path)
-            lo_i = None if lo is None else _ceil_int(lo, lo_incl)
-            hi_i = None if hi is None else _floor_int(hi, hi_incl)
-            if lo_i is not None and hi_i is not None and lo_i > hi_i:
-                raise ValueError(f"malformed JSON schema at {path}: no integer within the bounds")
-            return self.placeholder(integer_range_regex(lo_i, hi_i))
-        if types == "number" and any(k in node for k in _NUMERIC_KEYS):
-            lo, lo_incl, hi, hi_incl = _bounds(node, path)
-            try:
-                r = number_range_regex(lo, hi, lo_inclusive=lo_incl, hi_inclusive=hi_incl)
-            except ValueError as exc:
-                raise ValueError(f"malformed JSON schema at {path}: {exc}") from None
-            return self.placeholder(r)
-        if types == "string" and "format" in node and "pattern" not in node:
-            fmt = node["format"]
-            if fmt in FORMAT_REGEXES:
-                return self.placeholder('"' + FORMAT_REGEXES[fmt] + '"')
-            if fmt not in _OUTLINES_FORMATS:
-                warnings.warn(
-                    f"flashmoe: string format {fmt!r} at {path} is not enforced by constrained "
-                    "decoding (any string is allowed)",
-                    stacklevel=4,
-                )
-                node.pop("format")
-        return node
-
-    @staticmethod
-    def _check(node: dict, path: str) -> None:
-        props = node.get("properties")
-        req = node.get("required")
-        if req is not None:
-            if not isinstance(req, list) or not all(isinstance(r, str) for r in req):
-                raise ValueError(f"malformed JSON schema at {path}/required: expected names")
-            missing = [r for r in req if not isinstance(props, dict) or r not in props]
-            if missing:
-                raise ValueError(
-                    f"malformed JSON schema at {path}: required propert"
-                    f"{'y' if len(missing) == 1 else 'ies'} {missing} not defined in 'properties'"
-                )
-        for a, b in (("minItems", "maxItems"), ("minLength", "maxLength"),
-                     ("minProperties", "maxProperties")):
-            if a in node and b in node and node[a] > node[b]:
-                raise ValueError(
-                    f"malformed JSON schema at {path}: {a}={node[a]} > {b}={node[b]}"
-                )
-        if "pattern" in node:
-            try:
-                re.compile(node["pattern"])
-            except re.error as exc:
-                raise ValueError(
-                    f"malformed JSON schema at {path}/pattern: invalid regex: {exc}"
-                ) from None
-
-
-def _bounds(node: dict, path: str) -> tuple[Any, bool, Any, bool]:
-    lo, lo_incl, hi, hi_incl = node.get("minimum"), True, node.get("maximum"), True
-    emin, emax = node.get("exclusiveMinimum"), node.get("exclusiveMaximum")
-    if isinstance(emin, bool):  # draft 4
-        lo_incl = not emin
-    elif emin is not None and (lo is None or _to_decimal(emin) >= _to_decimal(lo)):
-        lo, lo_incl = emin, False
-    if isinstance(emax, bool):
-        hi_incl = not emax
-    elif emax is not None and (hi is None or _to_decimal(emax) <= _to_decimal(hi)):
-        hi, hi_incl = emax, False
-    try:
-        dlo = None if lo is None else _to_decimal(lo)
-        dhi = None if hi is None else _to_decimal(hi)
-    except ValueError as exc:
-        raise ValueError(f"malformed JSON schema at {path}: {exc}") from None
-    if dlo is not None and dhi is not None and (dlo > dhi or (dlo == dhi and not (lo_incl and hi_incl))):
-        raise ValueError(f"malformed JSON schema at {path}: minimum {lo} > maximum {hi}")
-    return dlo, lo_incl, dhi, hi_incl
-
-
-def _ceil_int(x: Decimal, incl: bool) -> int:
-    i = int(x.to_integral_value(rounding="ROUND_CEILING"))
-    return i + 1 if (not incl and i == x) else i
-
-
-def _floor_int(x: Decimal, incl: bool) -> int:
-    i = int(x.to_integral_value(rounding="ROUND_FLOOR"))
-    return i - 1 if (not incl and i == x) else i
-
-
-def _load_schema(schema: Any) -> dict:
+    The result is the schema to compile *and* to validate outputs with: its regexes (``pattern``,
+    ``patternProperties``) have the escapes whose meaning differs between dialects spelled out in
+    their ECMA-262 meaning (:func:`ecma_regex`); the input is never modified."""
     if isinstance(schema, (str, bytes)):
         try:
             schema = json.loads(schema)
@@ -471,33 +90,402 @@ def _load_schema(schema: Any) -> dict:
         json.dumps(schema)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"the JSON schema is not JSON-serialisable: {exc}") from None
+    return _explicit_patterns(schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regexes: ECMA-262 (what JSON Schema means) spelled out so that every engine reads it alike
+# ---------------------------------------------------------------------------------------------
+
+#: ECMA-262 ``\s`` (WhiteSpace and LineTerminator), as the inside of a character class.
+_ECMA_SPACE = r"\t\n\x0b\f\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_CLASS_ESCAPES = {"d": "0-9", "w": "a-zA-Z0-9_", "s": _ECMA_SPACE}
+#: ECMA-262 ``.``: any character but a line terminator.
+_ECMA_DOT = r"[^\n\r\u2028\u2029]"
+
+
+class _RegexRefused(ValueError):
+    pass
+
+
+def ecma_regex(pattern: str) -> str:
+    r"""``pattern`` (an ECMA-262 regex, JSON Schema's dialect) with ``\d \w \s \D \W \S`` and
+    ``.`` written as explicit character classes of their ECMA-262 meaning.
+
+    The same text means different things to the three engines involved: ECMA-262 ``\w``/``\d``
+    are ASCII, Python's ``re`` (the output validator) makes them Unicode, and llguidance follows
+    ECMA for ``\w``/``\d`` but Rust's Unicode ``\s`` and a ``.`` that matches ``\r``. Without
+    this, llguidance generates ``"é"`` for ``^\W$`` (right by ECMA-262) and the validator
+    refuses it. The rewrite is exactly equivalent under ECMA-262, and the classes it writes mean
+    the same to all three engines. Raises ``ValueError`` for
+    syntax the dialects parse differently (``[]``, ``[^]``, a negated escape inside a negated
+    class)."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\" and i + 1 < n:
+            e = pattern[i + 1]
+            if e in _CLASS_ESCAPES:
+                out.append(f"[{_CLASS_ESCAPES[e]}]")
+            elif e.lower() in _CLASS_ESCAPES:
+                out.append(f"[^{_CLASS_ESCAPES[e.lower()]}]")
+            else:
+                out.append(pattern[i : i + 2])
+            i += 2
+        elif c == "[":
+            i = _ecma_class(pattern, i, out)
+        elif c == ".":
+            out.append(_ECMA_DOT)
+            i += 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _ecma_class(pattern: str, i: int, out: list[str]) -> int:
+    """Rewrite the character class starting at ``pattern[i] == "["``; returns the index after."""
+    n = len(pattern)
+    j = i + 1
+    negated = j < n and pattern[j] == "^"
+    j += negated
+    if j < n and pattern[j] == "]":
+        raise _RegexRefused("'[]' and '[^]' mean an empty class / any character in ECMA-262 "
+                            "but a literal ']' in Python's re")
+    body: list[str] = []
+    negated_sets: list[str] = []
+    while j < n and pattern[j] != "]":
+        if pattern[j] == "\\" and j + 1 < n:
+            e = pattern[j + 1]
+            if e in _CLASS_ESCAPES:
+                body.append(_CLASS_ESCAPES[e])
+            elif e.lower() in _CLASS_ESCAPES:
+                negated_sets.append(_CLASS_ESCAPES[e.lower()])
+            else:
+                body.append(pattern[j : j + 2])
+            j += 2
+        else:
+            body.append(pattern[j])
+            j += 1
+    if j >= n:  # unterminated: leave it to the regex engines to reject
+        out.append(pattern[i:])
+        return n
+    if not negated_sets:
+        out.append("[" + "^" * negated + "".join(body) + "]")
+    elif negated:
+        raise _RegexRefused(r"a negated escape (\D, \W, \S) inside a negated class [^...] has no "
+                            "equivalent every engine reads alike")
+    else:  # [a\S] = a or not-space
+        parts = ([f"[{''.join(body)}]"] if body else []) + [f"[^{s}]" for s in negated_sets]
+        out.append(parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")")
+    return j + 1
+
+
+def _explicit_patterns(schema: dict) -> dict:
+    """``schema`` with :func:`ecma_regex` applied to every ``pattern`` and ``patternProperties``
+    key (a copy, if anything changes)."""
+    def rewrite(pattern: str, keyword: str, path: str) -> str:
+        try:
+            out = ecma_regex(pattern)
+        except _RegexRefused as exc:
+            raise UnsupportedSchemaError(
+                f"unsupported JSON schema keyword '{keyword}' at {path}: regex {pattern!r}: {exc}",
+                (keyword,)) from None
+        try:
+            re.compile(out)
+        except re.error:  # e.g. [\w-.]: Python's re cannot read the original either; leave it
+            return pattern  # to check_schema, which names it as the user wrote it
+        return out
+
+    def needs(node: dict) -> bool:
+        pats = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+        if isinstance(node.get("patternProperties"), dict):
+            pats += list(node["patternProperties"])
+        return any(isinstance(p, str) and _regex_changes(p) for p in pats)
+
+    if not any(needs(node) for _, node in subschemas(schema)):
+        return schema
+    schema = json.loads(json.dumps(schema))
+    for path, node in subschemas(schema):
+        if isinstance(node.get("pattern"), str):
+            node["pattern"] = rewrite(node["pattern"], "pattern", path)
+        props = node.get("patternProperties")
+        if isinstance(props, dict):
+            node["patternProperties"] = {
+                rewrite(k, "patternProperties", path) if isinstance(k, str) else k: v
+                for k, v in props.items()}
     return schema
 
 
-def schema_to_regex(
-    schema: dict | str, whitespace_pattern: str | None = DEFAULT_WHITESPACE
-) -> str:
-    """Regex for the JSON documents valid under ``schema`` (as far as a regex can say).
-
-    Raises :class:`ValueError` naming the problem for malformed or unsupported schemas.
-    Supported beyond outlines-core: integer/number ``minimum``/``maximum``/``exclusive*``,
-    formats ``email``, ``uri``, ``ipv4``, ``hostname``; ignored (warned): other unknown formats.
-    Not enforced: ``multipleOf``, ``uniqueItems``, ``not``, ``if``/``then``; ``oneOf`` is treated
-    as ``anyOf``.
-    """
-    schema = _load_schema(schema)
-    _check_schema_meta(schema)
-    rw = _SchemaRewriter(schema)
-    rewritten = rw.rewrite(copy.deepcopy(schema), "#")
+def _regex_changes(pattern: str) -> bool:
+    """Whether :func:`ecma_regex` changes (or refuses) ``pattern``."""
     try:
-        regex = build_regex_from_schema(json.dumps(rewritten), whitespace_pattern)
-    except BaseException as exc:
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        msg = str(exc).split("\n")[0]
-        raise ValueError(f"unsupported or malformed JSON schema: {msg}") from None
-    for name, sub in rw.subst.items():
-        regex = regex.replace(f'"{name}"', f"({sub})")
-        if name in regex:  # pragma: no cover - defensive
-            raise ValueError("internal error while rendering the JSON schema")
-    return regex
+        return ecma_regex(pattern) != pattern
+    except _RegexRefused:
+        return True
+
+
+def subschemas(node: Any, path: str = "#") -> Iterator[tuple[str, dict]]:
+    """Every schema object inside ``node`` (itself first), with its JSON-pointer path."""
+    if not isinstance(node, dict):
+        return
+    yield path, node
+    for key in _SCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            for name, sub in node[key].items():
+                yield from subschemas(sub, f"{path}/{key}/{_pointer(name)}")
+    for key in _SCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            for i, sub in enumerate(node[key]):
+                yield from subschemas(sub, f"{path}/{key}/{i}")
+    for key in _SCHEMA_ONE:
+        sub = node.get(key)
+        if isinstance(sub, list):  # draft-4 tuple items
+            for i, s in enumerate(sub):
+                yield from subschemas(s, f"{path}/{key}/{i}")
+        else:
+            yield from subschemas(sub, f"{path}/{key}")
+
+
+def _pointer(name: str) -> str:
+    return str(name).replace("~", "~0").replace("/", "~1")
+
+
+def keyword_paths(schema: dict, keyword: str) -> list[str]:
+    """The paths of the schema objects that use ``keyword``."""
+    return [p for p, node in subschemas(schema) if keyword in node]
+
+
+def check_schema(schema: dict) -> None:
+    """Reject a malformed schema (meta-schema violations, non-local ``$ref``s) and what the grammar
+    engine would enforce more loosely than JSON Schema means it (:func:`_check_enforceable`)."""
+    import jsonschema
+
+    try:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        cls.check_schema(_draft4_bounds(schema))
+    except jsonschema.exceptions.SchemaError as exc:
+        where = "/".join(["#", *(_pointer(p) for p in exc.absolute_path)])
+        hint = ""
+        if exc.validator == "format" and exc.validator_value == "regex":
+            hint = " (the output validator, Python's re, cannot read it)"
+        raise ValueError(f"malformed JSON schema at {where}: {exc.message}{hint}") from None
+    for path, node in subschemas(schema):
+        _check_bounds(node, path)
+        ref = node.get("$ref")
+        if ref is None:
+            continue
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise UnsupportedSchemaError(
+                f"unsupported JSON schema keyword '$ref' at {path}: only local references "
+                f"('#/...') are supported, got {ref!r}", ("$ref",))
+    _check_enforceable(schema)
+
+
+#: Integers up to this size are read exactly (as an f64) by llguidance.
+_EXACT_INT = 2**53
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+
+
+def _check_enforceable(schema: dict) -> None:
+    """Refuse, naming keyword and path, what llguidance would enforce more loosely than JSON
+    Schema means it (each found by generating from the JSON Schema Test Suite):
+
+    * ``$schema`` naming a meta-schema that is not a standard draft: it would be fetched (it
+      cannot be, offline) and its vocabularies could change what the keywords mean;
+    * a numeric bound llguidance cannot read exactly: it parses numbers as f64 with serde_json's
+      fast path, which is exact only for at most 2**53 significant-digit values with a decimal
+      exponent within +-22 (``maximum: 1.9999999999999998`` is read as 2, and "2" is generated);
+    * ``minProperties`` more than one beyond the names the schema lists, on an object that may
+      have other keys: llguidance counts keys, not distinct ones, so ``{"x": 1, "x": 2}``
+      passes ``minProperties: 2`` although it is an object with one property."""
+    import jsonschema
+
+    meta = schema.get("$schema")
+    if isinstance(meta, str) and jsonschema.validators.validator_for(schema, default=None) is None:
+        raise UnsupportedSchemaError(
+            f"unsupported JSON schema keyword '$schema' at #: unknown meta-schema {meta!r} (only "
+            "the standard JSON Schema drafts are supported; meta-schemas are not fetched)",
+            ("$schema",))
+    for path, node in subschemas(schema):
+        for key in _BOUNDS:
+            value = node.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and not _read_exactly(value):
+                raise UnsupportedSchemaError(
+                    f"unsupported JSON schema keyword '{key}' at {path}: the grammar engine cannot "
+                    f"read {value!r} exactly (it reads numbers as 64-bit floats, exactly only with "
+                    "at most ~15 significant digits and exponents within 1e+-22), so the bound "
+                    "is refused rather than rounded", (key,))
+        least = node.get("minProperties")
+        if isinstance(least, int) and not isinstance(least, bool):
+            listed = set(node.get("properties") or {}) | {
+                r for r in node.get("required") or [] if isinstance(r, str)}
+            closed = node.get("additionalProperties") is False and not node.get("patternProperties")
+            if not closed and least >= len(listed) + 2:
+                raise UnsupportedSchemaError(
+                    f"unsupported JSON schema keyword 'minProperties' at {path}: the grammar "
+                    f"engine counts keys, not distinct keys, so it cannot enforce {least} "
+                    f"properties when fewer than {least - 1} are named (a repeated key would "
+                    "count twice)", ("minProperties",))
+
+
+def _read_exactly(value: int | float) -> bool:
+    """Whether serde_json's fast path (what llguidance parses schemas with) reads ``value``, as
+    :func:`json.dumps` writes it, as exactly this number."""
+    if isinstance(value, int):
+        return abs(value) <= _EXACT_INT
+    if not math.isfinite(value):
+        return False
+    digits = decimal.Decimal(repr(value)).as_tuple()
+    significand = int("".join(map(str, digits.digits)) or "0")
+    return significand <= _EXACT_INT and -22 <= int(digits.exponent) <= 22
+
+
+_BOUND_PAIRS = (("minimum", "maximum"), ("minLength", "maxLength"), ("minItems", "maxItems"),
+                ("minProperties", "maxProperties"), ("exclusiveMinimum", "maximum"),
+                ("minimum", "exclusiveMaximum"), ("exclusiveMinimum", "exclusiveMaximum"))
+
+
+def _check_bounds(node: dict, path: str) -> None:
+    """Contradictory bounds are valid JSON Schema but always a mistake: say so, where."""
+    for lo, hi in _BOUND_PAIRS:
+        a, b = node.get(lo), node.get(hi)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
+            continue
+        strict = lo.startswith("exclusive") or hi.startswith("exclusive")
+        if a > b or (strict and a == b):
+            raise ValueError(f"malformed JSON schema at {path}: {lo}={a} and {hi}={b} leave no "
+                             "value")
+
+
+def _draft4_bounds(schema: Any) -> Any:
+    """Draft-4 boolean ``exclusiveMinimum``/``exclusiveMaximum`` in their later numeric form."""
+    if isinstance(schema, list):
+        return [_draft4_bounds(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _draft4_bounds(v) for k, v in schema.items()}
+    for flag, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(out.get(flag), bool):
+            if out.pop(flag) and bound in out:
+                out[flag] = out.pop(bound)
+    return out
+
+
+_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf")
+
+
+def _closed_objects(schema: Any, in_all_of: bool = False) -> Any:
+    """``additionalProperties: false`` on each object schema that lists its ``properties`` and
+    says nothing about other ones, as OpenAI's strict mode, XGrammar and outlines-core generate:
+    every output is still valid, and a model is not invited to invent keys. Left open where that
+    would change what is valid: other keys required (``required`` or ``minProperties`` beyond the
+    listed ones) or the object composed with ``allOf``."""
+    if isinstance(schema, list):
+        return [_closed_objects(s, in_all_of) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k in _SCHEMA_MAPS and isinstance(v, dict):
+            out[k] = {n: _closed_objects(s, in_all_of and k == "$defs") for n, s in v.items()}
+        elif k in _SCHEMA_LISTS or k in _SCHEMA_ONE:
+            out[k] = _closed_objects(v, in_all_of or k == "allOf")
+        else:
+            out[k] = v
+    props = out.get("properties")
+    if (isinstance(props, dict) and not in_all_of and not any(k in out for k in _OPEN_KEYS)
+            and all(r in props for r in out.get("required", []) if isinstance(r, str))
+            and out.get("minProperties", 0) <= len(props)):
+        out["additionalProperties"] = False
+    return out
+
+
+def json_grammar(schema: dict, *, whitespace: str | None = DEFAULT_WHITESPACE,
+                 lenient: bool = False) -> str:
+    """The schema as a Lark fragment, ``%json{...}`` (JSON whitespace limited to ``whitespace``;
+    ``None``: any). ``lenient`` drops the keywords the engine cannot enforce."""
+    schema = _closed_objects(_draft4_bounds(schema))
+    options: dict[str, Any] = dict(schema.get("x-guidance") or {})
+    if whitespace is not None:
+        options.setdefault("whitespace_pattern", whitespace)
+    if lenient:
+        options["lenient"] = True
+    body = {**schema, "x-guidance": options} if options else schema
+    return "%json " + json.dumps(body, ensure_ascii=False)
+
+
+_UNIMPLEMENTED = re.compile(r'Unimplemented keys: (\[.*?\])')
+
+
+def unsupported_keywords(messages: list[str]) -> tuple[str, ...]:
+    """The keywords llguidance's messages say it does not implement."""
+    found: list[str] = []
+    for msg in messages:
+        for m in _UNIMPLEMENTED.finditer(msg):
+            try:
+                found += [k for k in json.loads(m.group(1)) if k not in found]
+            except json.JSONDecodeError:  # pragma: no cover - message format changed
+                continue
+    return tuple(found)
+
+
+def schema_error(schema: dict, message: str) -> ValueError:
+    """llguidance's compile error for ``schema`` as a ValueError that names keyword and path."""
+    keys = unsupported_keywords([message])
+    if keys:
+        where = "; ".join(f"'{k}' at {', '.join(keyword_paths(schema, k)) or '#'}" for k in keys)
+        return UnsupportedSchemaError(
+            f"unsupported JSON schema keyword{'s' if len(keys) > 1 else ''} {where}: the grammar "
+            "engine cannot enforce it, so the schema is refused rather than loosened", keys)
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    first = re.sub(r"^(at \d+\(\d+\):\s*)?(failed to compile JSON schema:\s*)?", "", first)
+    if first.rstrip().endswith(":"):  # e.g. "regex parse error:", details on the next lines
+        first = " ".join([first.rstrip(), *(ln.strip() for ln in message.strip().splitlines()[1:4])])
+    if first.startswith("Unsatisfiable schema"):
+        return UnsupportedSchemaError(
+            "unsatisfiable JSON schema: no value is valid, so there is nothing to generate "
+            f"({first.split(':', 1)[-1].strip()})")
+    keys = _message_keywords(schema, first)
+    if not keys:
+        return UnsupportedSchemaError(f"unsupported JSON schema: {first}")
+    if list(keys) == ["oneOf"]:
+        first = ("the grammar engine cannot enforce 'exactly one of' (approximating it with anyOf "
+                 "would loosen the constraint)")
+    where = "; ".join(f"'{k}' at {', '.join(paths)}" for k, paths in keys.items())
+    return UnsupportedSchemaError(
+        f"unsupported JSON schema keyword{'s' if len(keys) > 1 else ''} {where}: {first}",
+        tuple(keys))
+
+
+#: llguidance messages that name no keyword, and the keywords they are about.
+_MESSAGE_TOPICS = (
+    (re.compile(r"oneOf constraints"), ("oneOf",)),
+    (re.compile(r"patternProperty regex"), ("patternProperties",)),
+    (re.compile(r"float range|int(eger)? range"),
+     ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")),
+    (re.compile(r"min/maxProperties"), ("minProperties", "maxProperties")),
+    (re.compile(r"\bregex\b|lookaround"), ("pattern", "patternProperties")),
+)
+
+
+def _message_keywords(schema: dict, message: str) -> dict[str, list[str]]:
+    """The keywords an llguidance message is about, with the paths where the schema uses them
+    (only keywords the schema does use)."""
+    names = re.findall(r"'([$A-Za-z]+)'", message)
+    for rx, topic in _MESSAGE_TOPICS:
+        if rx.search(message):
+            names += topic
+    found: dict[str, list[str]] = {}
+    fmt = re.search(r"Unknown format: (\S+)", message)
+    if fmt:
+        paths = [p for p, node in subschemas(schema) if node.get("format") == fmt.group(1)]
+        if paths:
+            found["format"] = paths
+    for name in dict.fromkeys(names):
+        paths = keyword_paths(schema, name)
+        if paths and name not in found:
+            found[name] = paths
+    return found

@@ -14,20 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import mlx.core as mx
-import numpy as np
-
 from .structured import Constraint, IncompleteOutputError, StructuredOutputError
 from .tool_calls import (
     THINK_CLOSE,
     THINK_OPEN,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
-    AutoToolProcessor,
     InvalidToolCall,
     ToolCall,
     ToolSpec,
-    bare_text_regex,
     detect_tool_format,
     normalize_tool_choice,
     normalize_tools,
@@ -62,7 +57,7 @@ class OutputPlan:
     result_format: Constraint | None = None  # structured mode: what the text after reasoning is
     parallel: bool = True
     render_tools: bool = True
-    _auto: AutoToolProcessor | None = None
+    _processor: Any = None
 
     @classmethod
     def build(cls, tokenizer, *, tools: Sequence[Any] | None, tool_choice: Any,
@@ -77,28 +72,28 @@ class OutputPlan:
             constraint = tool_call_constraint(specs, tool_choice, fmt, tokenizer,
                                               parallel=parallel_tool_calls,
                                               reasoning_prefix=in_think)
-            return cls("forced_tools", specs, fmt, constraint, parallel_tool_calls)
+            return cls("forced_tools", specs, fmt, constraint, parallel=parallel_tool_calls)
         if response_format is not None:
             result_format = Constraint.from_response_format(response_format, tokenizer)
             constraint = result_format
             if in_think:  # let the model finish thinking, then hold it to the format
-                reasoning = bare_text_regex((THINK_CLOSE,)) + THINK_CLOSE
-                constraint = Constraint.from_regex(reasoning + result_format.regex, tokenizer)
+                constraint = Constraint.from_response_format(response_format, tokenizer,
+                                                             reasoning_prefix=True)
             return cls("structured", specs, fmt, constraint, result_format,
                        render_tools=choice != "none")
         if choice == "auto":
-            return cls("auto_tools", specs, fmt, parallel=parallel_tool_calls)
+            constraint = tool_call_constraint(specs, "required", fmt, tokenizer,
+                                              parallel=parallel_tool_calls, mode="auto",
+                                              reasoning_prefix=in_think)
+            return cls("auto_tools", specs, fmt, constraint, parallel=parallel_tool_calls)
         return cls("text", specs, fmt, render_tools=False)
 
-    def processors(self, tokenizer, in_think: bool, max_tokens: int) -> list:
+    def processors(self, max_tokens: int) -> list:
         """Fresh logits processors for one generation."""
-        if self.constraint is not None:
-            return [CloseInTime(self.constraint.logits_processor(), max_tokens)]
-        if self.mode == "auto_tools":
-            self._auto = AutoToolProcessor(tokenizer, self.tools, self.tool_format,
-                                           parallel=self.parallel, in_think=in_think)
-            return [self._auto]
-        return []
+        if self.constraint is None:
+            return []
+        self._processor = self.constraint.logits_processor(max_tokens)
+        return [self._processor]
 
     def finish(self, raw: str, finish_reason: str, in_think: bool) -> Finished:
         """Split ``raw`` into content, reasoning, tool calls, parsed object; set finish reason."""
@@ -113,91 +108,21 @@ class OutputPlan:
             return Finished(rest, reasoning, parsed=parsed, finish_reason=finish_reason)
         reasoning, rest = split_reasoning(raw, in_think=in_think)
         reasoning = reasoning or None
+        content, calls, invalid = parse_tool_calls(rest, self.tool_format, self.tools)
+        incomplete = self._processor is not None and not self._processor.is_complete
         if self.mode == "forced_tools":
-            try:
-                calls = self.constraint.parse(raw)
-            except IncompleteOutputError:
+            if incomplete:
                 partial = InvalidToolCall(None, rest, "incomplete tool call: max_tokens reached")
                 return Finished("", reasoning, invalid_tool_calls=[partial],
                                 finish_reason="incomplete")
-            return Finished("", reasoning, tool_calls=calls, finish_reason="tool_calls")
-        content, calls, invalid = parse_tool_calls(rest, self.tool_format, self.tools)
+            return Finished("", reasoning, calls, invalid, finish_reason="tool_calls")
         if self.mode == "text":  # tool_choice "none": markup removed, no calls returned
             return Finished(content, reasoning, finish_reason=finish_reason)
-        if self._auto is not None and self._auto.triggered and not self._auto.is_complete:
+        if incomplete:
             finish_reason = "incomplete"
         elif calls and not invalid:
             finish_reason = "tool_calls"
         return Finished(content, reasoning, calls, invalid, finish_reason=finish_reason)
-
-
-class CloseInTime:
-    """Wraps a constrained processor so the structure is complete by ``max_tokens``.
-
-    Each automaton state's distance (in tokens) to an accepting state is known from the index;
-    once the tokens left could no longer cover the distance after some choice, only tokens that
-    keep the structure completable in time stay allowed. Earlier steps are untouched, so this
-    only shapes the last few tokens (closing an open string, then the object), and a
-    generation that has room ends as the model chose.
-    """
-
-    _DISTANCES: dict[int, tuple[Any, dict[int, int], int]] = {}  # id(index) -> (index, dist, max)
-
-    def __init__(self, inner, max_tokens: int):
-        self.inner = inner
-        self.max_tokens = max_tokens
-        self.dist, self.max_dist = _distances(inner.index)
-
-    def __getattr__(self, name: str) -> Any:  # is_complete, generated_ids, ... of the inner one
-        return getattr(self.inner, name)
-
-    def __call__(self, tokens, logits):
-        logits = self.inner(tokens, logits)
-        left = self.max_tokens - len(self.inner.generated_ids)  # including this step's token
-        if left > self.max_dist + 1 or self.inner.eos_generated:
-            return logits
-        index, state = self.inner.index, self.inner.guide.get_state()
-        # The index ends in an end-of-text sentinel that is never generated: one step less.
-        spare = 1 if getattr(self.inner, "_sentinel", None) is not None else 0
-        eos = set(self.inner.vocabulary.eos_token_ids)
-        keep = []
-        for t in self.inner.allowed_token_ids():
-            if t in eos:  # allowed only on a full match: ending is always in time
-                keep.append(t)
-                continue
-            # A full match may go on (another parallel call): only where it can end in time.
-            nxt = index.get_next_state(state, t)
-            if nxt is not None and self.dist.get(nxt, left + spare) - spare <= left - 1:
-                keep.append(t)
-        if not keep:  # no way to finish in time from here: leave the constraint as it is
-            return logits
-        mask = np.zeros(logits.shape[-1], dtype=bool)
-        mask[[t for t in keep if t < len(mask)]] = True
-        return mx.where(mx.array(mask), logits, mx.array(-np.inf, dtype=logits.dtype))
-
-
-def _distances(index) -> tuple[dict[int, int], int]:
-    """Fewest tokens from each state of ``index`` to an accepting state (reverse BFS)."""
-    cached = CloseInTime._DISTANCES.get(id(index))
-    if cached is not None and cached[0] is index:
-        return cached[1], cached[2]
-    reverse: dict[int, set[int]] = {}
-    for state, moves in index.get_transitions().items():
-        for nxt in set(moves.values()):
-            reverse.setdefault(nxt, set()).add(state)
-    dist = {s: 0 for s in index.get_final_states()}
-    frontier = list(dist)
-    while frontier:
-        step = []
-        for state in frontier:
-            for prev in reverse.get(state, ()):
-                if prev not in dist:
-                    dist[prev] = dist[state] + 1
-                    step.append(prev)
-        frontier = step
-    longest = max(dist.values(), default=0)
-    CloseInTime._DISTANCES[id(index)] = (index, dist, longest)
-    return dist, longest
 
 
 def _leading_reasoning(raw: str) -> tuple[str | None, str]:

@@ -20,8 +20,8 @@ Two formats, both wrapped in ``<tool_call>...</tool_call>``:
       </tool_call>
 
 ``tool_choice`` ``"required"`` and a named tool are forced with a grammar over the format
-(:func:`tool_call_regex`, :func:`tool_call_constraint`); ``"auto"`` decodes freely and switches to
-the grammar once the model opens ``<tool_call>`` (:class:`AutoToolProcessor`). Whatever the mode,
+(:func:`tool_call_constraint`); with ``"auto"`` the grammar is lazy: free text until the model
+opens ``<tool_call>``, then the calls' grammar. Whatever the mode,
 :func:`parse_tool_calls` reads both formats back, and :func:`split_reasoning` separates a
 ``<think>`` block, so neither markup reaches the content shown to the user.
 """
@@ -34,16 +34,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import mlx.core as mx
-
-from .json_schema import DEFAULT_WHITESPACE
-from .structured import (
-    ConstrainedLogitsProcessor,
-    Constraint,
-    StructuredOutputError,
-    _read_new_tokens,
-)
-from .tool_grammar import _string_branches, bare_text_regex, tool_call_regex
+from .structured import Constraint, StructuredOutputError
+from .tool_formats.xml import string_branches
+from .tool_grammar import tool_call_grammar
 from .tool_specs import (
     THINK_CLOSE,
     THINK_OPEN,
@@ -51,24 +44,21 @@ from .tool_specs import (
     TOOL_CALL_OPEN,
     ToolFormat,
     ToolSpec,
-    _check_fmt,
+    check_format,
     detect_tool_format,
     new_call_id,
     normalize_tool_choice,
     normalize_tools,
 )
-from .vocabulary import Vocabulary
 
 __all__ = [
     "TOOL_CALL_CLOSE",
     "TOOL_CALL_OPEN",
     "AssistantOutput",
-    "AutoToolProcessor",
     "InvalidToolCall",
     "ToolCall",
     "ToolFormat",
     "ToolSpec",
-    "bare_text_regex",
     "detect_tool_format",
     "new_call_id",
     "normalize_tool_choice",
@@ -77,7 +67,7 @@ __all__ = [
     "parse_tool_calls",
     "split_reasoning",
     "tool_call_constraint",
-    "tool_call_regex",
+    "tool_call_grammar",
 ]
 
 
@@ -88,24 +78,24 @@ def tool_call_constraint(
     tokenizer: Any,
     *,
     parallel: bool = True,
-    leading_whitespace: bool = True,
+    mode: str = "forced",
     reasoning_prefix: bool = False,
 ) -> Constraint:
-    """A :class:`~flashmoe_backend.structured.Constraint` forcing tool calls; its ``parse``
-    returns the list of :class:`ToolCall` (raising if any call is invalid)."""
+    """A :class:`~flashmoe_backend.structured.Constraint` over the reply when tools may
+    (``mode="auto"``) or must (``"forced"``) be called; its ``parse`` returns the valid
+    :class:`ToolCall` list (raising if any call is invalid)."""
+    fmt = check_format(fmt)
     specs = normalize_tools(tools)
-    regex = tool_call_regex(
-        specs, tool_choice, fmt, parallel,
-        leading_whitespace=leading_whitespace, reasoning_prefix=reasoning_prefix,
-    )
+    grammar = tool_call_grammar(specs, tool_choice, fmt, parallel, mode=mode,
+                                reasoning_prefix=reasoning_prefix)
 
     def parse(text: str) -> list[ToolCall]:
-        _, calls, invalid = parse_tool_calls(text, fmt, specs)
+        _, calls, invalid = parse_tool_calls(split_reasoning(text)[1], fmt, specs)
         if invalid:
             raise StructuredOutputError(f"invalid tool call: {invalid[0].error}")
         return calls
 
-    return Constraint(regex, tokenizer, kind="tool_calls", parser=parse,
+    return Constraint(grammar, tokenizer, kind="tool_calls", parser=parse,
                       description=f"{fmt} tool call")
 
 
@@ -254,7 +244,7 @@ def _convert_xml_value(raw: str, pname: str, spec: ToolSpec | None) -> Any:
     if prop is None:
         return _json_or_raw(raw)
     try:
-        branches = _string_branches(prop, root)
+        branches = string_branches(prop, root)
     except ValueError:
         branches = None
     if branches is not None:
@@ -287,12 +277,11 @@ def _validated(
     spec = specs.get(name)
     if spec is None:
         return InvalidToolCall(name, json.dumps(args), f"unknown tool {name!r}")
+    import jsonschema
+
     try:
-        import jsonschema
-    except ImportError:  # pragma: no cover
-        return ToolCall(name, args)
-    try:
-        jsonschema.validate(args, spec.parameters)
+        cls = jsonschema.validators.validator_for(spec.parameters, jsonschema.Draft202012Validator)
+        cls(spec.parameters, format_checker=cls.FORMAT_CHECKER).validate(args)
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         msg = f"arguments do not match the schema of {name!r}"
@@ -351,125 +340,3 @@ def parse_assistant_output(
     reasoning, rest = split_reasoning(text, in_think=in_think)
     content, calls, invalid = parse_tool_calls(rest, fmt, tools)
     return AssistantOutput(reasoning, content, calls, invalid)
-
-
-# =============================================================================================
-# Auto mode
-# =============================================================================================
-
-
-class AutoToolProcessor:
-    """mlx-lm logits processor for ``tool_choice="auto"``.
-
-    Leaves the logits alone while the model writes ordinary text (or reasoning); once the
-    generated text contains ``<tool_call>`` (outside a ``<think>`` block) it switches to the
-    tool-call grammar, which then constrains the rest of that call and any further calls (after
-    the last call only EOS or another call may follow). Detection runs on the generated token
-    ids' bytes, so it works whether ``<tool_call>`` is one added token or split across tokens.
-
-    ``in_think``: whether the prompt ends inside ``<think>`` (default: read from the prompt).
-    One processor per generation.
-    """
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        tools: Iterable[Any],
-        fmt: ToolFormat,
-        *,
-        parallel: bool = True,
-        in_think: bool | None = None,
-        whitespace_pattern: str | None = DEFAULT_WHITESPACE,
-        constraint: Constraint | None = None,
-    ):
-        self.vocabulary = Vocabulary.from_tokenizer(tokenizer)
-        self.fmt = _check_fmt(fmt)
-        self.tools = normalize_tools(tools)
-        if constraint is None:
-            regex = tool_call_regex(
-                self.tools, "required", fmt, parallel,
-                leading_whitespace=False, whitespace_pattern=whitespace_pattern,
-            )
-            constraint = Constraint(regex, self.vocabulary, kind="tool_calls",
-                                    description=f"{fmt} tool call")
-        self.constraint = constraint
-        self.inner: ConstrainedLogitsProcessor | None = None
-        self.failed = False
-        self._in_think = in_think
-        self._buf = bytearray()
-        self._scan_from = 0
-        self._n_seen: int | None = None
-        self._opener = TOOL_CALL_OPEN.encode()
-        self._think_close = THINK_CLOSE.encode()
-
-    @property
-    def triggered(self) -> bool:
-        """True once the model opened a tool call."""
-        return self.inner is not None or self.failed
-
-    @property
-    def is_complete(self) -> bool:
-        """False while a tool call is open (the structure is incomplete)."""
-        if self.inner is None:
-            return not self.failed
-        return self.inner.is_complete
-
-    def is_finished(self) -> bool:
-        return self.is_complete
-
-    def _prompt_in_think(self, tokens: mx.array) -> bool:
-        tail = tokens[-64:].tolist()
-        data = self.vocabulary.decode_bytes(tail)
-        return data.rfind(THINK_OPEN.encode()) > data.rfind(self._think_close)
-
-    def _feed(self, ids: list[int]) -> None:
-        if self.inner is not None:
-            self.inner.consume(ids)
-            return
-        if self.failed:
-            return
-        eos = self.vocabulary.eos_token_ids
-        for t in ids:
-            if t not in eos:
-                self._buf += self.vocabulary.decode_bytes((t,))
-        self._scan()
-
-    def _scan(self) -> None:
-        buf = self._buf
-        if self._in_think:
-            j = buf.find(self._think_close, self._scan_from)
-            if j < 0:
-                self._scan_from = max(0, len(buf) - len(self._think_close) + 1)
-                return
-            self._in_think = False
-            self._scan_from = j + len(self._think_close)
-        i = buf.find(self._opener, self._scan_from)
-        if i < 0:
-            self._scan_from = max(self._scan_from, len(buf) - len(self._opener) + 1)
-            # A later <think> (unusual) re-enters reasoning.
-            k = buf.find(THINK_OPEN.encode(), self._scan_from - len(THINK_OPEN) + 1)
-            if k >= 0 and buf.find(self._think_close, k) < 0:
-                self._in_think = True
-                self._scan_from = k + len(THINK_OPEN)
-            return
-        inner = self.constraint.logits_processor()
-        if inner.advance_text(bytes(buf[i:])):
-            self.inner = inner
-        else:  # the token that opened the call already left the grammar: stop constraining
-            self.failed = True
-
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        if tokens.ndim == 2:
-            tokens = tokens.reshape(-1)
-        n = int(tokens.shape[0])
-        if self._n_seen is None:
-            self._n_seen = n
-            if self._in_think is None:
-                self._in_think = self._prompt_in_think(tokens) if n else False
-        elif n > self._n_seen:
-            new = _read_new_tokens(tokens, self._n_seen)
-            self._n_seen = n
-            self._feed(new)
-        if self.inner is not None:
-            return self.inner.mask_logits(logits)
-        return logits

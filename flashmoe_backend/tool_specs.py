@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .json_schema import schema_to_regex
+from .json_schema import check_schema, json_grammar, keyword_paths, schema_error, unsupported_keywords
 
 ToolFormat = Literal["xml", "hermes"]
 TOOL_FORMATS: tuple[str, ...] = ("xml", "hermes")
@@ -42,6 +42,8 @@ class ToolSpec:
     name: str
     parameters: dict
     description: str = ""
+    #: keywords of ``parameters`` the grammar cannot enforce (checked after generation instead).
+    unenforced: tuple[str, ...] = ()
 
     def to_openai(self) -> dict:
         fn: dict[str, Any] = {"name": self.name}
@@ -59,7 +61,8 @@ def detect_tool_format(chat_template: str | None) -> ToolFormat:
     return "hermes"
 
 
-def _check_fmt(fmt: str) -> ToolFormat:
+def check_format(fmt: str) -> ToolFormat:
+    """``fmt`` if it names a tool-call format (``ValueError`` if not)."""
     if fmt not in TOOL_FORMATS:
         raise ValueError(f"unknown tool-call format {fmt!r}; expected 'xml' or 'hermes'")
     return fmt  # type: ignore[return-value]
@@ -132,10 +135,42 @@ def _spec_from_dict(fn: dict, i: int) -> ToolSpec:
             raise ValueError(f"tool {name!r}: invalid parameter name {p!r}")
     params = {**params, "type": "object", "properties": props}
     try:
-        schema_to_regex(params)  # validates the schema (meta-schema, semantics, support)
+        unenforced = _unenforced_keywords(params)
     except ValueError as exc:
-        raise ValueError(f"tool {name!r}: {exc}") from None
-    return ToolSpec(name=name, parameters=params, description=desc)
+        raise type(exc)(f"tool {name!r}: {exc}") from None
+    return ToolSpec(name=name, parameters=params, description=desc, unenforced=unenforced)
+
+
+def _unenforced_keywords(params: dict) -> tuple[str, ...]:
+    """Check a parameters schema; name the keywords the grammar will not enforce.
+
+    One argument's ``uniqueItems`` must not make an agent's whole tool list fail: such keywords
+    are left out of the call grammar (llguidance's lenient mode) and checked after generation,
+    where a violation makes the call an ``InvalidToolCall``. Each parameter is checked on its
+    own too, as the XML format constrains each one by itself."""
+    from llguidance import LLMatcher
+
+    check_schema(params)
+    missing = [r for r in params.get("required", []) if r not in params["properties"]]
+    if missing:
+        raise ValueError(f"required parameter{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(map(repr, missing))} not in 'properties'")
+    parts = [("#", params)] + [(f"#/properties/{p}", {**s, **{k: params[k] for k in
+                               ("$defs", "definitions") if k in params}})
+                              for p, s in params["properties"].items() if isinstance(s, dict)]
+    keys: list[str] = []
+    for where, schema in parts:
+        grammar = LLMatcher.grammar_from_lark("start: " + json_grammar(schema))
+        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+        if not failed:
+            continue
+        found = unsupported_keywords(messages)
+        lenient = LLMatcher.grammar_from_lark("start: " + json_grammar(schema, lenient=True))
+        if not found or LLMatcher.validate_grammar_with_warnings(lenient)[0]:
+            raise ValueError(f"at {where}: {schema_error(schema, messages[0])}")
+        keys += [k for k in found if k not in keys]
+    return tuple(f"'{k}' at {', '.join(keyword_paths(params, k)) or '#'} is not enforced by the "
+                 "grammar; calls are checked against it after generation" for k in keys)
 
 
 def normalize_tools(tools: Iterable[Any] | None) -> list[ToolSpec]:

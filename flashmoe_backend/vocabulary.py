@@ -1,39 +1,21 @@
-"""Token vocabulary for outlines-core and the compiled-index cache.
+"""The token vocabulary as the grammar engine (llguidance) sees it.
 
 :class:`Vocabulary` maps every token to the bytes it stands for (GPT-2 byte map for byte-level
-BPE, ``▁``/``<0xNN>`` for sentencepiece) and adds an end-of-structure sentinel token;
-:func:`compile_index` compiles a regex against it into an ``outlines_core.Index``, the slow step,
-cached in memory and on disk.
+BPE, ``▁``/``<0xNN>`` for sentencepiece) and builds, once per tokenizer, the
+``llguidance.LLTokenizer`` every grammar of that tokenizer is compiled against.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import threading
-import time
-import warnings
-import weakref
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import outlines_core
-from outlines_core import Index
-from outlines_core import Vocabulary as CoreVocabulary
+__all__ = ["Vocabulary"]
 
-__all__ = [
-    "Vocabulary",
-    "clear_index_cache",
-    "compile_index",
-    "index_cache_dir",
-    "index_cache_stats",
-    "outlines_core_version",
-    "wrap_regex",
-]
 
 def _gpt2_byte_decoder() -> dict[str, int]:
     """The inverse of GPT-2's ``bytes_to_unicode`` map (printable stand-ins for all 256 bytes)."""
@@ -53,29 +35,17 @@ def _gpt2_byte_decoder() -> dict[str, int]:
 
 
 _BYTE_DECODER = _gpt2_byte_decoder()
-
-# outlines-core builds its DFA with leftmost-first semantics and reports matches one byte late,
-# so at the *end* of a regex it drops continuations: ``0(\.[0-9]+)?`` never gets past "0",
-# ``(ab|abc)`` never gives "abc", and after a first tool call no second one can start. We
-# therefore compile ``(?:REGEX)`` followed by a sentinel character that no real token can
-# produce, with a sentinel token added to the vocabulary: the structure is complete exactly
-# when the sentinel token is allowed, and that is when the processor allows EOS.
-_SENTINEL = "\U0010ffff"
-_SENTINEL_BYTES = _SENTINEL.encode("utf-8")
-_FORMAT_VERSION = 2
 _SPM_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+# llguidance's marker for special tokens: a byte that never occurs in UTF-8 text.
+_SPECIAL_MARKER = b"\xff"
 
 
 def _hf_tokenizer(tokenizer: Any) -> Any:
     """The Hugging Face tokenizer inside an mlx-lm ``TokenizerWrapper`` (or the argument)."""
-    try:
-        from mlx_lm.tokenizer_utils import TokenizerWrapper
-    except ImportError:  # pragma: no cover
-        TokenizerWrapper = ()  # type: ignore[assignment]
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
     if isinstance(tokenizer, TokenizerWrapper):
         return tokenizer._tokenizer
-    if isinstance(tokenizer, Vocabulary):
-        raise TypeError("expected a tokenizer, got a Vocabulary")
     return tokenizer
 
 
@@ -101,165 +71,6 @@ def _decoder_kind(hf: Any) -> str:
     return "text"
 
 
-class Vocabulary:
-    """The token vocabulary as outlines-core needs it, built from token *bytes*.
-
-    Token strings are mapped to the bytes they stand for (GPT-2 byte map for byte-level BPE,
-    ``▁``/``<0xNN>`` for sentencepiece), never by decoding single tokens (which mangles tokens that
-    hold part of a UTF-8 character). Special tokens (``<|im_start|>``, ...) are left out so the
-    constraint can never produce them, except EOS, which is allowed exactly when the structure is
-    complete. Added tokens that are *not* special (Qwen's ``<tool_call>``, ``<think>``, ...) are
-    kept, as the text they stand for: they are ordinary text to the grammar, and a tool-call
-    grammar should let the model write ``<tool_call>`` as the single token it was trained on.
-
-    Build with :meth:`from_tokenizer` (cached per tokenizer object).
-    """
-
-    core: CoreVocabulary
-    fingerprint: str
-    eos_token_id: int
-    eos_token_ids: tuple[int, ...]
-    #: bytes each id stands for when generated (special tokens: their text), ``b""`` if unknown.
-    token_bytes: list[bytes]
-    #: ids the grammar may use (everything but special and EOS tokens).
-    allowed_ids: frozenset[int]
-    #: ``byte -> id`` of a single-byte token, for walking a guide over arbitrary text.
-    byte_token_ids: dict[int, int]
-    #: 1 + the largest token id.
-    size: int
-    #: id of the end-of-structure sentinel token (see :func:`compile_index`); == ``size``.
-    sentinel_id: int
-    kind: str
-
-    _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-    _cache_lock = threading.Lock()
-
-    def __init__(
-        self,
-        token_bytes: Sequence[bytes],
-        eos_token_ids: Iterable[int],
-        *,
-        eos_token_id: int | None = None,
-        excluded_ids: Iterable[int] = (),
-        kind: str = "custom",
-    ):
-        eos = sorted({int(i) for i in eos_token_ids})
-        if eos_token_id is None:
-            if not eos:
-                raise ValueError("the tokenizer has no EOS token: constrained decoding needs one")
-            eos_token_id = eos[0]
-        eos_token_id = int(eos_token_id)
-        if eos_token_id not in eos:
-            eos.insert(0, eos_token_id)
-        excluded = set(int(i) for i in excluded_ids) | set(eos)
-        self.token_bytes = [bytes(b) for b in token_bytes]
-        self.size = len(self.token_bytes)
-        self.eos_token_id = eos_token_id
-        self.eos_token_ids = tuple([eos_token_id] + [i for i in eos if i != eos_token_id])
-        self.kind = kind
-        mapping: dict[bytes, list[int]] = {}
-        allowed = set()
-        for tid, b in enumerate(self.token_bytes):
-            # Tokens holding byte 0xF4 (only ever the lead byte of the private-use plane-16
-            # characters U+100000..U+10FFFF) are left out so that no real token can spell the
-            # sentinel U+10FFFF.
-            if tid in excluded or not b or 0xF4 in b:
-                continue
-            mapping.setdefault(b, []).append(tid)
-            allowed.add(tid)
-        self.sentinel_id = self.size
-        mapping[_SENTINEL_BYTES] = [self.sentinel_id]
-        self.allowed_ids = frozenset(allowed)
-        self.byte_token_ids = {}
-        for b, ids in mapping.items():
-            if len(b) == 1:
-                self.byte_token_ids[b[0]] = min(ids)
-        h = hashlib.sha256()
-        h.update(
-            f"outlines_core={outlines_core_version()};eos={eos_token_id};v={_FORMAT_VERSION}\n"
-            .encode()
-        )
-        for b in sorted(mapping):
-            h.update(len(b).to_bytes(4, "little") + b)
-            h.update(",".join(map(str, sorted(mapping[b]))).encode() + b"\n")
-        self.fingerprint = h.hexdigest()[:32]
-        self.core = CoreVocabulary(eos_token_id, mapping)
-
-    # -- construction ---------------------------------------------------------------------------
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> Vocabulary:
-        """The vocabulary of an mlx-lm ``TokenizerWrapper`` or a Hugging Face tokenizer.
-
-        EOS ids are the wrapper's ``eos_token_ids`` (which mlx-lm stops on) plus the tokenizer's
-        ``eos_token_id``; the latter is outlines-core's EOS. Cached per tokenizer object.
-        """
-        if isinstance(tokenizer, Vocabulary):
-            return tokenizer
-        hf = _hf_tokenizer(tokenizer)
-        raw_eos = getattr(tokenizer, "eos_token_ids", None)
-        if isinstance(raw_eos, int):
-            eos_ids = {raw_eos}
-        else:
-            eos_ids = {int(i) for i in (raw_eos or ()) if i is not None}
-        key_obj = hf
-        try:
-            with cls._cache_lock:
-                cached = cls._cache.get(key_obj)
-            if cached is not None and set(cached.eos_token_ids) >= eos_ids:
-                return cached
-        except TypeError:  # not weak-referenceable
-            cached = None
-        vocab = cls._build(hf, eos_ids)
-        try:
-            with cls._cache_lock:
-                cls._cache[key_obj] = vocab
-        except TypeError:  # pragma: no cover
-            pass
-        return vocab
-
-    @classmethod
-    def _build(cls, hf: Any, extra_eos: set[int]) -> Vocabulary:
-        vocab: dict[str, int] = hf.get_vocab()
-        added = dict(getattr(hf, "added_tokens_decoder", {}) or {})
-        special_ids = set(getattr(hf, "all_special_ids", []) or [])
-        for tid, tok in added.items():
-            if getattr(tok, "special", False):
-                special_ids.add(int(tid))
-        eos_ids = set(extra_eos)
-        eos_token_id = getattr(hf, "eos_token_id", None)
-        if eos_token_id is not None:
-            eos_ids.add(int(eos_token_id))
-        kind = _decoder_kind(hf)
-        size = max(vocab.values()) + 1 if vocab else 0
-        token_bytes: list[bytes] = [b""] * size
-        added_content = {int(i): t.content for i, t in added.items()}
-        for token, tid in vocab.items():
-            if tid in added_content:
-                token_bytes[tid] = added_content[tid].encode("utf-8")
-            else:
-                token_bytes[tid] = _token_to_bytes(token, kind)
-        return cls(
-            token_bytes,
-            eos_ids,
-            eos_token_id=eos_token_id,
-            excluded_ids=special_ids,
-            kind=kind,
-        )
-
-    # -- helpers --------------------------------------------------------------------------------
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        tb, n = self.token_bytes, self.size
-        return b"".join(tb[i] if 0 <= i < n else b"" for i in ids)
-
-    def __repr__(self) -> str:
-        return (
-            f"Vocabulary(size={self.size}, kind={self.kind!r}, eos={self.eos_token_ids}, "
-            f"fingerprint={self.fingerprint})"
-        )
-
-
 def _token_to_bytes(token: str, kind: str) -> bytes:
     if kind == "byte_level":
         try:
@@ -274,176 +85,175 @@ def _token_to_bytes(token: str, kind: str) -> bytes:
     return token.encode("utf-8")
 
 
-def outlines_core_version() -> str:
-    try:
-        from importlib.metadata import version
+class Vocabulary:
+    """Token ids, the bytes they stand for, and the grammar engine's tokenizer over them.
 
-        return version("outlines_core")
-    except Exception:  # pragma: no cover
-        return getattr(outlines_core, "__version__", "unknown")
+    Token strings are mapped to bytes through the tokenizer's byte map, never by decoding single
+    tokens (which mangles tokens holding part of a UTF-8 character). Special tokens
+    (``<|im_start|>``, EOS, ...) are special to the grammar too, so a grammar can never produce
+    them; EOS is allowed exactly when the structure is complete. Added tokens that are *not*
+    special (Qwen's ``<tool_call>``, ``<think>``, ...) are the text they stand for: a tool-call
+    grammar lets the model write ``<tool_call>`` as the single token it was trained on.
+    (``llguidance.hf.from_tokenizer``, which Outlines uses, marks every added token special, so
+    a grammar's ``"<tool_call>"`` would reject that token.)
 
-
-# =============================================================================================
-# Index compilation + cache
-# =============================================================================================
-
-# Indexes over a 248k-token vocabulary can take hundreds of MB each: keep few in memory.
-_MEMORY_CACHE_SIZE = int(os.environ.get("FLASHMOE_INDEX_MEMORY_CACHE", "16"))
-_memory_cache: OrderedDict[str, Index] = OrderedDict()
-_memory_lock = threading.Lock()
-_key_locks: dict[str, threading.Lock] = {}
-_stats = {"memory_hits": 0, "disk_hits": 0, "compiles": 0, "compile_s": 0.0, "disk_load_s": 0.0}
-_DISK_MAGIC = b"FLASHMOE-OCIDX1\n"
-
-
-def index_cache_dir() -> Path:
-    """Where compiled indexes are kept: ``$FLASHMOE_CACHE_DIR/index`` if that variable is set,
-    else ``~/.cache/flashmoe/index``."""
-    root = os.environ.get("FLASHMOE_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "flashmoe"
-    return base / "index"
-
-
-def index_cache_stats() -> dict[str, float]:
-    """Counters: memory hits, disk hits, compiles and the seconds spent compiling / loading."""
-    return dict(_stats)
-
-
-def clear_index_cache(memory: bool = True, disk: bool = False) -> None:
-    """Forget compiled indexes (in this process and/or on disk)."""
-    if memory:
-        with _memory_lock:
-            _memory_cache.clear()
-    if disk:
-        d = index_cache_dir()
-        if d.is_dir():
-            for f in d.glob("*.idx"):
-                try:
-                    f.unlink()
-                except OSError:
-                    pass
-
-
-def _index_key(regex: str, vocab: Vocabulary) -> str:
-    h = hashlib.sha256()
-    h.update(vocab.fingerprint.encode() + b"\0" + regex.encode("utf-8"))
-    return h.hexdigest()[:40]
-
-
-def compile_index(
-    regex: str,
-    tokenizer: Any,
-    *,
-    memory_cache: bool = True,
-    disk_cache: bool | None = None,
-) -> Index:
-    """Compile ``regex`` against the tokenizer's :class:`Vocabulary` into an ``outlines_core.Index``.
-
-    What is compiled is :func:`wrap_regex(regex) <wrap_regex>` (the regex followed by the
-    end-of-structure sentinel), to be used with
-    :class:`~flashmoe_backend.structured.ConstrainedLogitsProcessor`.
-    Cached in memory (LRU, keyed by the regex and the vocabulary's fingerprint) and on disk under
-    :func:`index_cache_dir` (the Index's own binary serialisation, written atomically).
-    ``disk_cache=None`` means on unless ``FLASHMOE_INDEX_DISK_CACHE=0``. An invalid regex, or one
-    no token sequence can complete, raises :class:`ValueError`.
+    Build with :meth:`from_tokenizer` (cached per tokenizer object) or from token bytes.
     """
-    vocab = Vocabulary.from_tokenizer(tokenizer)
-    regex = wrap_regex(regex)
-    key = _index_key(regex, vocab)
-    if disk_cache is None:
-        disk_cache = os.environ.get("FLASHMOE_INDEX_DISK_CACHE", "1") not in ("0", "false", "no")
-    if memory_cache:
-        with _memory_lock:
-            idx = _memory_cache.get(key)
-            if idx is not None:
-                _memory_cache.move_to_end(key)
-                _stats["memory_hits"] += 1
-                return idx
-            lock = _key_locks.setdefault(key, threading.Lock())
-    else:
-        lock = threading.Lock()
-    with lock:  # one compile per key at a time
-        if memory_cache:
-            with _memory_lock:
-                idx = _memory_cache.get(key)
-            if idx is not None:
-                _stats["memory_hits"] += 1
-                return idx
-        idx = _load_from_disk(key) if disk_cache else None
-        if idx is None:
-            t0 = time.perf_counter()
-            try:
-                idx = Index(regex, vocab.core)
-            except BaseException as exc:  # pyo3 panics are BaseException
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                raise ValueError(
-                    f"cannot compile the constraint regex against the vocabulary: {exc}"
-                ) from None
-            _stats["compiles"] += 1
-            _stats["compile_s"] += time.perf_counter() - t0
-            if disk_cache:
-                _save_to_disk(key, idx)
-        if memory_cache:
-            with _memory_lock:
-                _memory_cache[key] = idx
-                _memory_cache.move_to_end(key)
-                while len(_memory_cache) > _MEMORY_CACHE_SIZE:
-                    old, _ = _memory_cache.popitem(last=False)
-                    _key_locks.pop(old, None)
-        return idx
+
+    _cache: dict[int, tuple[Any, Vocabulary]] = {}
+    _cache_lock = threading.Lock()
+
+    def __init__(
+        self,
+        token_bytes: Sequence[bytes],
+        eos_token_ids: Iterable[int],
+        *,
+        eos_token_id: int | None = None,
+        special_ids: Iterable[int] = (),
+        encode: Callable[[str], list[int]] | None = None,
+        kind: str = "custom",
+    ):
+        eos = sorted({int(i) for i in eos_token_ids})
+        if eos_token_id is None:
+            if not eos:
+                raise ValueError("the tokenizer has no EOS token: constrained decoding needs one")
+            eos_token_id = eos[0]
+        eos_token_id = int(eos_token_id)
+        #: bytes each id stands for when generated (special tokens: their text).
+        self.token_bytes = [bytes(b) for b in token_bytes]
+        #: 1 + the largest token id.
+        self.size = len(self.token_bytes)
+        self.eos_token_id = eos_token_id
+        #: every id that ends generation, the primary one first.
+        self.eos_token_ids = tuple([eos_token_id] + [i for i in eos if i != eos_token_id])
+        self.special_ids = frozenset(int(i) for i in special_ids) | set(self.eos_token_ids)
+        self.kind = kind
+        #: ``byte -> id`` of a single-byte token, for walking a grammar over arbitrary text.
+        self.byte_token_ids: dict[int, int] = {}
+        for tid, b in enumerate(self.token_bytes):
+            if len(b) == 1 and tid not in self.special_ids:
+                self.byte_token_ids.setdefault(b[0], tid)
+        self._encode = encode or self._greedy_encode
+        self._llg: Any = None
+        self._llg_lock = threading.Lock()
+        h = hashlib.sha256(f"eos={self.eos_token_ids};special={sorted(self.special_ids)}".encode())
+        for b in self.token_bytes:
+            h.update(len(b).to_bytes(4, "little") + b)
+        self.fingerprint = h.hexdigest()[:32]
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> Vocabulary:
+        """The vocabulary of an mlx-lm ``TokenizerWrapper`` or a Hugging Face tokenizer.
+
+        EOS ids are the wrapper's ``eos_token_ids`` (which mlx-lm stops on) plus the tokenizer's
+        ``eos_token_id`` (the primary one). Cached per tokenizer object.
+        """
+        if isinstance(tokenizer, Vocabulary):
+            return tokenizer
+        hf = _hf_tokenizer(tokenizer)
+        raw_eos = getattr(tokenizer, "eos_token_ids", None)
+        eos_ids = {raw_eos} if isinstance(raw_eos, int) else {int(i) for i in (raw_eos or ())}
+        with cls._cache_lock:
+            hit = cls._cache.get(id(hf))
+        if hit is not None and hit[0] is hf and set(hit[1].eos_token_ids) >= eos_ids:
+            return hit[1]
+        vocab = cls._build(hf, eos_ids)
+        with cls._cache_lock:
+            cls._cache[id(hf)] = (hf, vocab)
+        return vocab
+
+    @classmethod
+    def _build(cls, hf: Any, extra_eos: set[int]) -> Vocabulary:
+        vocab: dict[str, int] = hf.get_vocab()
+        added = dict(getattr(hf, "added_tokens_decoder", {}) or {})
+        special_ids = {int(i) for i in getattr(hf, "all_special_ids", []) or []}
+        special_ids |= {int(tid) for tid, tok in added.items() if getattr(tok, "special", False)}
+        eos_ids = set(extra_eos)
+        eos_token_id = getattr(hf, "eos_token_id", None)
+        if eos_token_id is not None:
+            eos_ids.add(int(eos_token_id))
+        kind = _decoder_kind(hf)
+        size = max(vocab.values()) + 1 if vocab else 0
+        token_bytes: list[bytes] = [b""] * size
+        added_content = {int(i): t.content for i, t in added.items()}
+        for token, tid in vocab.items():
+            if tid in added_content:
+                token_bytes[tid] = added_content[tid].encode("utf-8")
+            else:
+                token_bytes[tid] = _token_to_bytes(token, kind)
+
+        def encode(text: str) -> list[int]:
+            return list(hf.encode(text, add_special_tokens=False))
+
+        return cls(token_bytes, eos_ids, eos_token_id=eos_token_id, special_ids=special_ids,
+                   encode=encode, kind=kind)
+
+    # -- the grammar engine's tokenizer ---------------------------------------------------------
+
+    @property
+    def llg(self) -> Any:
+        """The ``llguidance.LLTokenizer`` over these tokens (built once: ~5 s for 248k tokens)."""
+        with self._llg_lock:
+            if self._llg is None:
+                import llguidance
+
+                self._llg = llguidance.LLTokenizer(
+                    llguidance.TokenizerWrapper(_TokenSource(self)),
+                    eos_token=list(self.eos_token_ids),
+                )
+            return self._llg
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (the tokenizer's own encoding; greedy for a bare vocabulary)."""
+        return self._encode(text)
+
+    def _greedy_encode(self, text: str) -> list[int]:
+        # Longest known token at each position; a bare vocabulary has no merge rules.
+        table = getattr(self, "_by_bytes", None)
+        if table is None:
+            table = self._by_bytes = {}
+            for tid, b in enumerate(self.token_bytes):
+                if b and tid not in self.special_ids:
+                    table.setdefault(b, tid)
+            self._longest = max(map(len, table), default=1)
+        data, out, i = text.encode("utf-8"), [], 0
+        while i < len(data):
+            for n in range(min(self._longest, len(data) - i), 0, -1):
+                tid = table.get(data[i : i + n])
+                if tid is not None:
+                    out.append(tid)
+                    i += n
+                    break
+            else:
+                raise ValueError(f"byte {data[i]:#x} has no token in the vocabulary")
+        return out
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        tb, n = self.token_bytes, self.size
+        return b"".join(tb[i] if 0 <= i < n else b"" for i in ids)
+
+    def __repr__(self) -> str:
+        return (f"Vocabulary(size={self.size}, kind={self.kind!r}, eos={self.eos_token_ids}, "
+                f"fingerprint={self.fingerprint})")
 
 
-def wrap_regex(regex: str) -> str:
-    """The regex actually compiled: ``(?:REGEX)`` + the end-of-structure sentinel (top-level
-    ``^``/``$`` anchors are dropped: matches are always anchored at both ends)."""
-    if regex.endswith(_SENTINEL):
-        return regex
-    if regex.startswith("^"):
-        regex = regex[1:]
-    if regex.endswith("$") and not regex.endswith("\\$"):
-        regex = regex[:-1]
-    return f"(?:{regex}){_SENTINEL}"
+class _TokenSource:
+    """What ``llguidance.TokenizerWrapper`` reads: token bytes (special ones behind the marker
+    byte), EOS/BOS ids and an encoder."""
 
+    def __init__(self, vocab: Vocabulary):
+        self.eos_token_id = vocab.eos_token_id
+        self.bos_token_id = None
+        self.special_token_ids = sorted(vocab.special_ids)
+        tokens = []
+        for tid, b in enumerate(vocab.token_bytes):
+            if tid in vocab.special_ids or not b:
+                b = _SPECIAL_MARKER + (b or f"<[{tid}]>".encode())
+            tokens.append(b)
+        self.tokens = tokens
+        self._vocab = vocab
 
-def _index_binary(idx: Index) -> bytes:
-    fn, args = idx.__reduce__()[:2]
-    if not (isinstance(args, tuple) and len(args) == 1 and isinstance(args[0], bytes)):
-        raise TypeError("unexpected outlines_core.Index serialisation")  # pragma: no cover
-    return args[0]
-
-
-def _load_from_disk(key: str) -> Index | None:
-    path = index_cache_dir() / f"{key}.idx"
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    t0 = time.perf_counter()
-    if not data.startswith(_DISK_MAGIC):
-        return None
-    body = data[len(_DISK_MAGIC) :]
-    digest, body = body[:32], body[32:]
-    if hashlib.sha256(body).digest() != digest:
-        return None
-    try:
-        idx = Index.from_binary(body)
-    except BaseException as exc:  # corrupt / other version
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        return None
-    _stats["disk_hits"] += 1
-    _stats["disk_load_s"] += time.perf_counter() - t0
-    return idx
-
-
-def _save_to_disk(key: str, idx: Index) -> None:
-    d = index_cache_dir()
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        body = _index_binary(idx)
-        tmp = d / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp.write_bytes(_DISK_MAGIC + hashlib.sha256(body).digest() + body)
-        os.replace(tmp, d / f"{key}.idx")
-    except OSError as exc:  # a read-only home must not break generation
-        warnings.warn(f"flashmoe: cannot write the index cache in {d}: {exc}", stacklevel=3)
+    def __call__(self, text: str) -> list[int]:
+        return self._vocab.encode(text)

@@ -1,4 +1,5 @@
-"""Tool calls (flashmoe_backend.tool_calls): specs, forcing grammars, parsing, auto mode."""
+"""Tool calls (flashmoe_backend.tool_calls, .tool_grammar, .tool_formats): specs, grammars,
+parsing, auto mode."""
 
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ import numpy as np
 import pytest
 
 from flashmoe_backend.tool_calls import (
-    AutoToolProcessor,
     ToolCall,
-    bare_text_regex,
     detect_tool_format,
     normalize_tool_choice,
     normalize_tools,
@@ -22,16 +21,10 @@ from flashmoe_backend.tool_calls import (
     parse_tool_calls,
     split_reasoning,
     tool_call_constraint,
-    tool_call_regex,
+    tool_call_grammar,
 )
 from flashmoe_backend.tool_specs import XML_CLOSERS
 from flashmoe_backend.vocabulary import Vocabulary
-
-
-@pytest.fixture(autouse=True)
-def _index_cache_in_tmp(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fm-cache"))
-
 
 WEATHER = {
     "type": "function",
@@ -113,14 +106,33 @@ def test_detect_tool_format():
         ([{"type": "retrieval"}], "only 'function'"),
         (["not a dict"], "expected an OpenAI-style"),
         ([{"name": "f", "parameters": {"type": "object", "properties": {
-            "n": {"type": "integer", "minimum": 3, "maximum": 1}}}}], "minimum"),
+            "n": {"type": "integer", "minimum": 3, "maximum": 1}}}}], "#/properties/n"),
     ],
 )
 def test_bad_tool_specs_raise(tools, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         normalize_tools(tools)
     with pytest.raises(ValueError):
-        tool_call_regex(tools, "required", "xml")
+        tool_call_grammar(tools, "required", "xml")
+
+
+def test_unenforceable_keyword_is_reported_and_checked_after_generation(tiny_tokenizer_dir):
+    """One argument's uniqueItems does not fail the tool list: the grammar leaves it out, says
+    so, and the parsed call is checked against it."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tool = {"name": "tag", "parameters": {"type": "object", "required": ["tags"], "properties": {
+        "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}}
+    [spec] = normalize_tools([tool])
+    assert spec.unenforced and "'uniqueItems' at #/properties/tags" in spec.unenforced[0]
+    tok = load_tokenizer(tiny_tokenizer_dir("hermes"))
+    with pytest.warns(UserWarning, match="uniqueItems"):
+        c = tool_call_constraint([tool], "required", "hermes", tok)
+    twice = '<tool_call>\n{"name": "tag", "arguments": {"tags": ["a", "a"]}}\n</tool_call>'
+    assert c.status(twice) == "complete"
+    _, calls, invalid = parse_tool_calls(twice, "hermes", [tool])
+    assert not calls and "non-unique" in invalid[0].error
+    assert parse_tool_calls(twice.replace('"a"]', '"b"]'), "hermes", [tool])[1]
 
 
 def test_tool_choice():
@@ -136,26 +148,36 @@ def test_tool_choice():
     with pytest.raises(ValueError, match="unknown tool 'nope'"):
         normalize_tool_choice({"type": "function", "function": {"name": "nope"}}, specs)
     with pytest.raises(ValueError, match="unknown tool"):
-        tool_call_regex(TOOLS, "nope", "hermes")
+        tool_call_grammar(TOOLS, "nope", "hermes")
     with pytest.raises(ValueError):
         normalize_tool_choice("required", [])
     with pytest.raises(ValueError):
-        tool_call_regex(TOOLS, "none", "xml")
+        tool_call_grammar(TOOLS, "none", "xml")
 
 
-def test_bare_text_regex_is_exact_complement():
-    pat = re.compile(bare_text_regex(), re.DOTALL)
+def test_raw_xml_string_is_any_text_without_closing_tags(tiny_tokenizer_dir):
+    """A raw XML string value is exactly the texts that hold none of the closing tags."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir("xml"))
+    note = {"name": "note", "parameters": {"type": "object", "required": ["text"],
+                                           "properties": {"text": {"type": "string"}}}}
+    c = tool_call_constraint([note], "required", "xml", tok, parallel=False)
     rng = random.Random(0)
     alphabet = list("</parmetfuncioltl_>x\n")
     pieces = ["</parameter>", "</function>", "</tool_call>", "</param", "</tool_cal",
               "<</function", "</p<", "</div>"]
-    for _ in range(5000):
+    for _ in range(400):
         s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))
         if rng.random() < 0.4:
             k = rng.randint(0, len(s))
             s = s[:k] + rng.choice(pieces) + s[k:]
         ok = not any(w in s for w in XML_CLOSERS)
-        assert bool(pat.fullmatch(s)) == ok, s
+        call = (f"<tool_call>\n<function=note>\n<parameter=text>\n{s}\n</parameter>\n"
+                "</function>\n</tool_call>")
+        assert (c.status(call) == "complete") == ok, s
+        if ok:
+            assert c.parse(call)[0].arguments == {"text": s}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,9 +285,10 @@ def test_chat_template_round_trip(fmt, tiny_tokenizer_dir):
     assert content == "Sure." and not invalid
     assert [(c.name, c.arguments) for c in parsed] == [
         (c["function"]["name"], c["function"]["arguments"]) for c in calls]
-    # The rendered calls are in the forcing grammar's language.
-    regex = tool_call_regex(TOOLS, "required", fmt, leading_whitespace=False)
-    assert re.fullmatch(regex, turn.split("\n\n", 1)[1], re.DOTALL)
+    # The rendered calls are in the forcing grammar's language, and the reply in auto mode's.
+    assert tool_call_constraint(TOOLS, "required", fmt, tok).status(
+        turn.split("\n\n", 1)[1]) == "complete"
+    assert tool_call_constraint(TOOLS, "required", fmt, tok, mode="auto").status(turn) == "complete"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,9 +336,9 @@ def test_forced_tool_calls_validate(fmt, choice, tiny_quantized_dir):
     constraint = tool_call_constraint(TOOLS, choice, fmt, tok, parallel=False)
     prompt = _prompt(tok, tools=choice == "required", enable_thinking=False)
     for seed in range(2):
-        proc = constraint.logits_processor()
+        proc = constraint.logits_processor(300)
         text, finish = _run(model, tok, prompt, [proc], seed=seed)
-        assert finish == "stop" and proc.is_complete, text
+        assert proc.is_complete, (finish, text)
         calls = constraint.parse(text)
         content, calls2, invalid = parse_tool_calls(text, fmt, TOOLS)
         assert content == "" and not invalid and len(calls) == len(calls2) == 1, text
@@ -360,7 +383,7 @@ def test_forced_with_reasoning_prefix(tiny_quantized_dir):
     call = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nLima\n</parameter>\n"
             "</function>\n</tool_call>")
     assert c.status("let me think\n</think>\n\n" + call) == "complete"
-    assert c.status(call) == "complete"
+    assert c.status(call) == "incomplete"  # still reasoning: the block must be closed first
     assert c.status("thinking <tool_call> here\n</think>\n\n" + call) == "complete"
 
 
@@ -387,17 +410,36 @@ class Force:
         return logits + mx.array(mask)
 
 
-def test_auto_processor_passes_free_text_through(tiny_quantized_dir):
+def _auto(tok, fmt, **kw):
+    return tool_call_constraint(TOOLS, "required", fmt, tok, mode="auto", **kw)
+
+
+def test_auto_mode_lets_free_text_through(tiny_quantized_dir):
     model, tok = _model(tiny_quantized_dir, "xml")
-    proc = AutoToolProcessor(tok, TOOLS, "xml")
+    proc = _auto(tok, "xml").logits_processor()
+    vocab = proc.vocabulary
     prompt = mx.array(tok.encode(_prompt(tok, enable_thinking=False)))
     logits = mx.random.normal((1, 512))
-    assert proc(prompt, logits) is logits
-    ids = tok.encode("Hello there, no tools needed. <b>x</b>", add_special_tokens=False)
+    ids = tok.encode("Hello there, no tools needed. <b>x</b> </parameter>", add_special_tokens=False)
+    out = proc(prompt, logits)
     for i in range(1, len(ids) + 1):
-        seq = mx.concatenate([prompt, mx.array(ids[:i])])
-        assert proc(seq, logits) is logits
-    assert not proc.triggered and proc.is_complete
+        allowed = set(np.nonzero(np.isfinite(np.array(out[0])))[0].tolist())
+        assert ids[i - 1] in allowed and vocab.eos_token_id in allowed  # text may end anywhere
+        out = proc(mx.concatenate([prompt, mx.array(ids[:i])]), logits)
+    assert proc.is_complete
+    # Free text allows every token that is text (valid UTF-8 on its own, not special).
+    allowed = np.isfinite(np.array(out[0]))
+    for tid, b in enumerate(vocab.token_bytes):
+        if tid not in vocab.special_ids and _is_utf8(b):
+            assert allowed[tid], b
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 @pytest.mark.parametrize("fmt", ["xml", "hermes"])
@@ -412,14 +454,18 @@ def test_auto_mode_switches_to_grammar(fmt, split, tiny_quantized_dir):
         opener = [tok._tokenizer.convert_tokens_to_ids("<tool_call>")]
         assert len(opener) == 1 and vocab.token_bytes[opener[0]] == b"<tool_call>"
     prompt = _prompt(tok, enable_thinking=False)
+    c = _auto(tok, fmt, parallel=False)
     for seed in range(2):
-        auto = AutoToolProcessor(tok, TOOLS, fmt, parallel=False)
-        text, finish = _run(model, tok, prompt, [Force(lead + opener), auto], seed=seed)
-        assert auto.triggered and not auto.failed, text
-        assert finish == "stop" and auto.is_complete, text
+        proc = c.logits_processor(300)
+        text, finish = _run(model, tok, prompt, [Force(lead + opener), proc], seed=seed)
+        assert finish == "stop" and proc.is_complete, text
         content, calls, invalid = parse_tool_calls(text, fmt, TOOLS)
         assert content == "Let me check." and not invalid and len(calls) == 1, text
         jsonschema.validate(calls[0].arguments, SCHEMAS[calls[0].name])
+    # Once the opener is written, only the calls' grammar is allowed.
+    proc = c.logits_processor()
+    assert proc.advance_text("Let me check. <tool_call>")
+    assert not proc.is_complete and not proc.advance_text("plain text again")
 
 
 def test_auto_mode_ignores_tool_call_inside_think(tiny_quantized_dir):
@@ -429,21 +475,18 @@ def test_auto_mode_ignores_tool_call_inside_think(tiny_quantized_dir):
     tc = tok._tokenizer.convert_tokens_to_ids("<tool_call>")
     think_end = tok._tokenizer.convert_tokens_to_ids("</think>")
     words = tok.encode("maybe ", add_special_tokens=False)
-    auto = AutoToolProcessor(tok, TOOLS, "xml", parallel=False)
+    c = _auto(tok, "xml", parallel=False, reasoning_prefix=True)
+    proc = c.logits_processor(300)
     forced = words + [tc] + words + [think_end] + tok.encode("\n\n", add_special_tokens=False)
-    text, finish = _run(model, tok, prompt, [Force(forced + [tc]), auto], seed=1)
-    assert auto.triggered and finish == "stop" and auto.is_complete, text
+    text, finish = _run(model, tok, prompt, [Force(forced + [tc]), proc], seed=1)
+    assert finish == "stop" and proc.is_complete, text
     out = parse_assistant_output(text, "xml", TOOLS, in_think=True)
     assert out.reasoning.startswith("maybe") and "<tool_call>" in out.reasoning
     assert len(out.tool_calls) == 1 and not out.invalid_tool_calls
     assert out.content == ""
-    # Before </think> the processor had not switched.
-    auto2 = AutoToolProcessor(tok, TOOLS, "xml")
-    p = mx.array(tok.encode(prompt))
-    logits = mx.zeros((1, 512))
-    auto2(p, logits)
-    seq = mx.concatenate([p, mx.array(words + [tc])])
-    assert auto2(seq, logits) is logits and not auto2.triggered
+    # Inside <think>, "<tool_call>" is just text; a reply may also end while reasoning.
+    p2 = c.logits_processor()
+    assert p2.advance_text("maybe <tool_call> free words") and p2.is_complete
 
 
 def test_tool_call_dataclass():

@@ -614,9 +614,9 @@ class ChatFlashMoE(BaseChatModel):
                 if schema is None:
                     raise ValueError("method='json_schema' needs a schema")
                 response_format = _engine_response_format(schema)
-                from flashmoe_backend.structured import response_format_to_regex
+                from flashmoe_backend.structured import check_response_format
 
-                response_format_to_regex(response_format)  # refuse a bad schema now
+                check_response_format(response_format)  # refuse a bad schema now
             else:
                 response_format = {"type": "json_object"}
                 ls_format["kwargs"] = {"method": method}

@@ -1,0 +1,319 @@
+"""The logits processor of a compiled grammar: llguidance's mask applied portably with MLX ops,
+and structures steered to close within ``max_tokens``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .vocabulary import Vocabulary
+
+__all__ = ["ConstrainedLogitsProcessor", "IncompleteOutputError", "StructuredOutputError",
+           "expand_bits", "read_new_tokens"]
+
+
+class StructuredOutputError(ValueError):
+    """The generated text does not satisfy the requested structure."""
+
+
+class IncompleteOutputError(StructuredOutputError):
+    """The generated text is a valid prefix of the structure but stops before its end
+    (typically: ``max_tokens`` was reached mid-structure)."""
+
+
+# Bytes tried first when looking for a short way to finish a structure: closers, then filler.
+_CLOSING_BYTES = b'"}],:1@\n</>a0 '
+# How many tokens before max_tokens the processor starts checking it can still finish, and how
+# close to the limit the finishing path may come before the model is held to tokens that keep it.
+_CLOSING_WINDOW = 96
+_CLOSING_MARGIN = 16
+_CLOSING_CANDIDATES = 8
+# Bytes of finishing text looked at per token left (tokens hold ~3-4 bytes of such text).
+_BYTES_PER_TOKEN = 4
+
+
+class ConstrainedLogitsProcessor:
+    """mlx-lm logits processor that advances an ``llguidance.LLMatcher`` and masks the logits.
+
+    Called as ``processor(tokens, logits)`` with ``tokens`` all ids so far (the first call sees
+    only the prompt, which is skipped) and ``logits`` of shape ``[1, V]``; ``V`` may exceed the
+    tokenizer's vocabulary (the extra ids are masked). Each call advances the matcher by the tokens
+    added since the previous call, then sets every token it does not allow to ``-inf``. EOS is
+    allowed exactly when the structure is complete.
+
+    The mask is applied portably (no Metal kernel): llguidance writes its bitmask into a numpy
+    buffer (in Rust), which is expanded to a boolean mask -- in numpy when MLX runs on the CPU,
+    on the device with MLX ops from the 32x smaller bitmask otherwise -- and applied with
+    ``mx.where`` (so NaN/inf logits of disallowed tokens cannot leak through).
+
+    With ``max_tokens``, from ``_CLOSING_WINDOW`` tokens before the limit it looks for a short
+    way to finish (:meth:`finishing_path`); once that path nearly fills the tokens left, only
+    tokens after which the structure can still finish in time stay allowed. A structure that no
+    path can finish in time ends incomplete, and is reported so by :meth:`is_complete`.
+    """
+
+    def __init__(self, matcher: Any, vocabulary: Vocabulary, *, max_tokens: int | None = None):
+        self.matcher = matcher
+        self.vocabulary = vocabulary
+        self.max_tokens = max_tokens
+        self._n_seen: int | None = None
+        self._generated: list[int] = []
+        self.eos_generated = False
+        self._eos = vocabulary.eos_token_ids
+        self._words = np.zeros((vocabulary.size + 31) // 32, dtype=np.int32)
+        self._device_path: bool | None = None
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def is_complete(self) -> bool:
+        """True when the text generated so far is a complete match of the constraint."""
+        return self.eos_generated or bool(self.matcher.is_accepting())
+
+    def is_finished(self) -> bool:
+        """Same as :attr:`is_complete` (outlines' name)."""
+        return self.is_complete
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return list(self._generated)
+
+    def reset(self) -> None:
+        self.matcher.reset()
+        self._n_seen = None
+        self._generated = []
+        self.eos_generated = False
+
+    def allowed_token_ids(self) -> list[int]:
+        words = self._fill_words()
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+        return np.flatnonzero(bits).tolist()
+
+    # -- advancing ------------------------------------------------------------------------------
+
+    def advance(self, token_id: int) -> None:
+        """Advance by one generated token (raises :class:`StructuredOutputError` if disallowed)."""
+        token_id = int(token_id)
+        if token_id in self._eos:
+            if not self.is_complete:
+                raise StructuredOutputError(
+                    f"EOS token {token_id} generated before the structure was complete")
+            self.eos_generated = True
+            self._generated.append(token_id)
+            return
+        if self.eos_generated:
+            raise StructuredOutputError("token generated after EOS")
+        if not 0 <= token_id < self.vocabulary.size:
+            raise StructuredOutputError(f"token {token_id} is outside the vocabulary")
+        if not self.matcher.consume_token(token_id):
+            raise StructuredOutputError(
+                f"token {token_id} ({self.vocabulary.token_bytes[token_id]!r}) is not allowed by "
+                f"the constraint here: was the mask bypassed? ({_first_line(self.matcher)})")
+        self._generated.append(token_id)
+
+    def consume(self, token_ids: Iterable[int]) -> None:
+        for t in token_ids:
+            self.advance(t)
+
+    def advance_text(self, text: str | bytes) -> bool:
+        """Walk the matcher over ``text`` (byte by byte through single-byte tokens, else with
+        the tokenizer's encoding). Returns False if the text leaves the language."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        bt = self.vocabulary.byte_token_ids
+        if all(b in bt for b in data):
+            ids = [bt[b] for b in data]
+        else:  # pragma: no cover - vocabularies without all 256 byte tokens
+            ids = self.vocabulary.encode(data.decode("utf-8", errors="replace"))
+        return all(self.matcher.consume_token(t) for t in ids)
+
+    def _sync(self, tokens: mx.array) -> None:
+        if tokens.ndim == 2:
+            tokens = tokens.reshape(-1)
+        n = int(tokens.shape[0])
+        if self._n_seen is None:
+            self._n_seen = n  # the prompt (or whatever came before the first decode step)
+            return
+        if n < self._n_seen:  # speculative decoding rejected tokens: roll back
+            k = self._n_seen - n
+            if k > len(self._generated):
+                raise StructuredOutputError(f"cannot roll the constraint back by {k} tokens")
+            if self.eos_generated:
+                self.eos_generated = False
+                self._generated.pop()
+                k -= 1
+            if k and not self.matcher.rollback(k):
+                raise StructuredOutputError(f"cannot roll the constraint back by {k} tokens")
+            if k:
+                del self._generated[-k:]
+            self._n_seen = n
+            return
+        if n > self._n_seen:
+            new = read_new_tokens(tokens, self._n_seen)
+            self._n_seen = n
+            self.consume(new)
+
+    # -- finishing in time ----------------------------------------------------------------------
+
+    def finishing_path(self, limit: int, matcher: Any = None) -> list[int] | None:
+        """A short token sequence (at most ``limit`` tokens) that completes the structure from
+        the current state, or None if none is found. Not necessarily the shortest: the text is
+        built byte by byte (forced bytes, else the first allowed of ``_CLOSING_BYTES``, else the
+        lowest allowed byte), then written in the tokenizer's own tokens; the grammar checks
+        every step."""
+        start = matcher or self.matcher
+        data = self._finishing_bytes(start.deep_copy(), _BYTES_PER_TOKEN * limit)
+        if data is None:
+            return None
+        if not data:
+            return []
+        try:
+            ids = self.vocabulary.encode(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            ids = []
+        if not ids or len(ids) > limit or not start.deep_copy().consume_tokens(ids):
+            bt = self.vocabulary.byte_token_ids
+            ids = [bt[b] for b in data]
+        return ids if len(ids) <= limit else None
+
+    def _finishing_bytes(self, m: Any, limit: int) -> bytes | None:
+        bt = self.vocabulary.byte_token_ids
+        order = [b for b in _CLOSING_BYTES if b in bt] + [b for b in range(256)
+                                                          if b in bt and b not in _CLOSING_BYTES]
+        out, recent = bytearray(), b""
+        while not m.is_accepting():
+            if len(out) >= limit or m.is_error():
+                return None
+            forced = m.compute_ff_bytes()
+            if forced:
+                if not m.consume_tokens([bt[b] for b in forced]):
+                    return None
+                out += forced
+                continue
+            mask = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
+            allowed = [b for b in order if mask[bt[b] >> 3] >> (bt[b] & 7) & 1]
+            if not allowed:
+                return None
+            # A byte chosen twice lately is tried after the others: inside free-form text
+            # (a string, an email's local part) repeating a closer is a loop, not the way out.
+            pick = min(allowed, key=lambda b: recent.count(b) >= 2)
+            if not m.consume_token(bt[pick]):
+                return None
+            out.append(pick)
+            recent = (recent + bytes([pick]))[-8:]
+        return bytes(out)
+
+    def _finishing_mask(self, logits: mx.array) -> np.ndarray | None:
+        """The tokens that keep the structure finishable within the tokens left, when that
+        starts to matter; None while the model is free."""
+        if self.max_tokens is None or self.eos_generated:
+            return None
+        left = self.max_tokens - len(self._generated)  # including this step's token
+        if left > _CLOSING_WINDOW or self.matcher.is_accepting():
+            return None
+        path = self.finishing_path(left)
+        if path is None or len(path) < left - _CLOSING_MARGIN:
+            return None  # cannot finish in time anyway, or still plenty of room
+        keep = {path[0]}
+        allowed = np.asarray(self.allowed_token_ids())
+        allowed = allowed[allowed < min(self.vocabulary.size, logits.shape[-1])]
+        scores = np.array(logits.reshape(-1)[mx.array(allowed)].astype(mx.float32))
+        for t in allowed[np.argsort(-scores)[:_CLOSING_CANDIDATES]].tolist():
+            if t in keep or t in self._eos:
+                continue
+            trial = self.matcher.deep_copy()
+            if trial.consume_token(t) and self.finishing_path(left - 1, trial) is not None:
+                keep.add(t)
+        return np.asarray(sorted(keep))
+
+    # -- masking --------------------------------------------------------------------------------
+
+    def _fill_words(self) -> np.ndarray:
+        words = self._words
+        if self.eos_generated:
+            words[:] = 0
+            for e in self._eos:
+                words[e >> 5] |= np.uint32(1 << (e & 31)).view(np.int32)
+            return words
+        self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        if self.matcher.is_error():
+            raise StructuredOutputError(f"the constraint failed: {_first_line(self.matcher)}")
+        return words
+
+    def allowed_mask(self, width: int) -> mx.array:
+        """Boolean ``[width]`` array of the tokens allowed in the current state."""
+        words = self._fill_words()
+        if self._device_path is None:
+            self._device_path = mx.default_device() != mx.cpu
+        if self._device_path:  # ship the 32x smaller bitmask, expand it on the device
+            return expand_bits(mx.array(words), width)
+        bits = np.unpackbits(words.view(np.uint8), count=min(width, words.size * 32),
+                             bitorder="little")
+        if width > bits.size:
+            bits = np.concatenate([bits, np.zeros(width - bits.size, dtype=bits.dtype)])
+        return mx.array(bits.view(np.bool_))
+
+    def bias(self, width: int, dtype: mx.Dtype = mx.float32) -> mx.array:
+        """The current mask as an additive bias: ``0`` allowed, ``-inf`` not (``[width]``)."""
+        zero = mx.array(0, dtype=dtype)
+        return mx.where(self.allowed_mask(width), zero, mx.array(-math.inf, dtype=dtype))
+
+    def mask_logits(self, logits: mx.array) -> mx.array:
+        """``logits`` with every disallowed token set to ``-inf``.
+
+        A select, not an addition, so NaN/+inf logits of disallowed tokens cannot survive; NaN
+        logits of allowed tokens become the dtype's lowest finite value, so that a model emitting
+        NaNs still samples an allowed token instead of whatever index the sampler's argmax over
+        NaNs lands on."""
+        width = int(logits.shape[-1])
+        neg = mx.array(-math.inf, dtype=logits.dtype)
+        low = float(mx.finfo(logits.dtype).min)
+        safe = mx.nan_to_num(logits, nan=low, posinf=None, neginf=low)
+        allowed = self.allowed_mask(width)
+        keep = self._finishing_mask(safe)
+        if keep is not None:
+            only = np.zeros(width, dtype=bool)
+            only[keep[keep < width]] = True
+            allowed = mx.logical_and(allowed, mx.array(only))
+        return mx.where(allowed, safe, neg)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        self._sync(tokens)
+        return self.mask_logits(logits)
+
+
+def _first_line(matcher: Any) -> str:
+    err = matcher.get_error() or "no error"
+    return err.strip().splitlines()[0]
+
+
+def read_new_tokens(tokens: mx.array, start: int) -> list[int]:
+    """``tokens[start:]`` as Python ints. Waits for the stream first: the newest token comes from
+    the previous step's ``async_eval``, and reading it must not race that work (costs nothing
+    extra: reading the token has to wait for the same work anyway)."""
+    mx.synchronize()
+    return tokens[start:].tolist()
+
+
+_BIT_INDEX: dict[tuple[int, int], tuple[mx.array, mx.array, mx.array]] = {}
+
+
+def expand_bits(words: mx.array, width: int) -> mx.array:
+    """int32 bitmask words -> bool[width] (bit i of word w is token 32*w + i), with MLX ops;
+    tokens past the bitmask are not allowed.
+
+    Written as a gather + shift per token (no reshape/slice of a broadcast result, which
+    produced wrong trailing bits on mlx-cuda 0.32.4 when ``width`` is not a multiple of 32)."""
+    key = (width, int(words.shape[0]))
+    idx = _BIT_INDEX.get(key)
+    if idx is None:
+        ar = mx.arange(width, dtype=mx.int32)
+        word_of = mx.minimum(ar >> 5, words.shape[0] - 1)
+        inside = ar < words.shape[0] * 32
+        idx = _BIT_INDEX[key] = (word_of, ar & 31, inside)
+        mx.eval(*idx)
+    word_of, bit_of, inside = idx
+    return mx.logical_and(((mx.take(words, word_of) >> bit_of) & 1).astype(mx.bool_), inside)

@@ -1,0 +1,14 @@
+"""Tool-call formats, one a module, each a grammar for one call of a tool.
+
+Every format module has ``call_rules(tool, rule) -> str``: Lark rules, the first named ``rule``,
+for the text of one call *after* its ``<tool_call>`` opener up to and including ``</tool_call>``.
+``tool_grammar.py`` puts them together for ``tool_choice`` and parallel calls;
+``tool_calls.py`` parses both formats back.
+"""
+
+from . import hermes, xml
+
+#: format name -> module, as :func:`~flashmoe_backend.tool_specs.detect_tool_format` names them.
+FORMATS = {"xml": xml, "hermes": hermes}
+
+__all__ = ["FORMATS", "hermes", "xml"]
