@@ -34,6 +34,8 @@ from .grammar_processor import ConstrainedLogitsProcessor, IncompleteOutputError
 from .json_schema import (
     DEFAULT_WHITESPACE,
     check_schema,
+    exact_loads,
+    exact_validator,
     json_grammar,
     load_schema,
     schema_error,
@@ -71,23 +73,22 @@ def _is_pydantic_model(obj: Any) -> bool:
 
 
 def _json_parser(schema: dict, model: Any = None) -> Callable[[str], Any]:
-    import jsonschema
+    validator = exact_validator(schema)
 
     def parse(text: str) -> Any:
-        if model is not None:
-            try:
-                return model.model_validate_json(text)
-            except ValueError as exc:
-                raise StructuredOutputError(f"output does not validate: {exc}") from exc
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
             raise StructuredOutputError(f"output is not valid JSON: {exc}") from None
+        error = next(iter(validator.iter_errors(exact_loads(text))), None)
+        if error is not None:
+            raise StructuredOutputError(f"output does not validate: {error.message}")
+        if model is None:
+            return value
         try:
-            jsonschema.validate(value, schema)
-        except jsonschema.ValidationError as exc:
-            raise StructuredOutputError(f"output does not validate: {exc.message}") from None
-        return value
+            return model.model_validate_json(text)
+        except ValueError as exc:
+            raise StructuredOutputError(f"output does not validate: {exc}") from exc
 
     return parse
 
@@ -139,6 +140,8 @@ def _normalize(rf: Any, whitespace: str | None) -> _Spec:
         raise ValueError("no response format given")
     if _is_pydantic_model(rf):
         return _json_spec(rf.model_json_schema(), whitespace, rf)
+    if isinstance(rf, bool):
+        raise ValueError("a boolean JSON schema does not describe a structure to generate")
     if isinstance(rf, dict):
         return _dict_spec(rf, whitespace)
     if isinstance(rf, (list, tuple)):

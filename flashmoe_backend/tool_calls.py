@@ -34,6 +34,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import jsonschema
+
+from .json_schema import exact_validator, exact_value
 from .structured import Constraint, StructuredOutputError
 from .tool_formats.xml import string_branches
 from .tool_grammar import tool_call_grammar
@@ -277,11 +280,8 @@ def _validated(
     spec = specs.get(name)
     if spec is None:
         return InvalidToolCall(name, json.dumps(args), f"unknown tool {name!r}")
-    import jsonschema
-
     try:
-        cls = jsonschema.validators.validator_for(spec.parameters, jsonschema.Draft202012Validator)
-        cls(spec.parameters, format_checker=cls.FORMAT_CHECKER).validate(args)
+        exact_validator(spec.parameters, formats=True).validate(exact_value(args))
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         msg = f"arguments do not match the schema of {name!r}"

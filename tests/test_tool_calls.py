@@ -405,9 +405,11 @@ class Force:
         k = tokens.shape[0] - self.n0
         if k >= len(self.ids):
             return logits
-        mask = np.full(logits.shape[-1], -np.inf, dtype=np.float32)
-        mask[self.ids[k]] = 0
-        return logits + mx.array(mask)
+        only = np.zeros(logits.shape[-1], dtype=bool)
+        only[self.ids[k]] = True
+        # A select, not an addition: a tiny random model's NaN logits (seen on CUDA) must not
+        # survive the forcing.
+        return mx.where(mx.array(only), mx.zeros_like(logits), mx.array(-np.inf, logits.dtype))
 
 
 def _auto(tok, fmt, **kw):
