@@ -32,6 +32,7 @@ import jsonschema
 __all__ = [
     "DEFAULT_WHITESPACE",
     "UnsupportedSchemaError",
+    "check_meta_schema",
     "check_schema",
     "ecma_regex",
     "exact_loads",
@@ -265,10 +266,34 @@ def keyword_paths(schema: dict, keyword: str) -> list[str]:
 
 
 def check_schema(schema: dict) -> None:
-    """Reject a malformed schema (meta-schema violations, non-local ``$ref``s) and what the grammar
-    engine would enforce more loosely than JSON Schema means it (:func:`_check_enforceable`)."""
-    import jsonschema
+    """Reject, before compiling, what the grammar engine would miss or get wrong: non-local
+    ``$ref``s, contradictory bounds, and what it would enforce more loosely than JSON Schema
+    means it (:func:`_check_enforceable`). Meta-schema violations are left to the compiler, which
+    refuses them; :func:`schema_error` then names them (:func:`check_meta_schema`): the
+    meta-schema check costs milliseconds per schema, too much for every tool of every request."""
+    for path, node in subschemas(schema):
+        _check_bounds(node, path)
+        for where, pattern in [("pattern", node.get("pattern"))] + [
+                ("patternProperties", p) for p in node.get("patternProperties") or ()]:
+            try:
+                if isinstance(pattern, str):
+                    re.compile(pattern)
+            except re.error as exc:  # generation's output validator (Python's re) must read it
+                raise ValueError(f"malformed JSON schema at {path}/{where}: invalid regex "
+                                 f"{pattern!r}: {exc}") from None
+        ref = node.get("$ref")
+        if ref is None:
+            continue
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise UnsupportedSchemaError(
+                f"unsupported JSON schema keyword '$ref' at {path}: only local references "
+                f"('#/...') are supported, got {ref!r}", ("$ref",))
+    _check_enforceable(schema)
 
+
+def check_meta_schema(schema: dict) -> None:
+    """Reject a schema its meta-schema (draft 2020-12 unless ``$schema`` names another) rejects,
+    with the path of the problem."""
     try:
         cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
         cls.check_schema(_draft4_bounds(schema))
@@ -278,16 +303,6 @@ def check_schema(schema: dict) -> None:
         if exc.validator == "format" and exc.validator_value == "regex":
             hint = " (the output validator, Python's re, cannot read it)"
         raise ValueError(f"malformed JSON schema at {where}: {exc.message}{hint}") from None
-    for path, node in subschemas(schema):
-        _check_bounds(node, path)
-        ref = node.get("$ref")
-        if ref is None:
-            continue
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            raise UnsupportedSchemaError(
-                f"unsupported JSON schema keyword '$ref' at {path}: only local references "
-                f"('#/...') are supported, got {ref!r}", ("$ref",))
-    _check_enforceable(schema)
 
 
 #: Integers up to this size are read exactly (as an f64) by llguidance.
@@ -440,7 +455,12 @@ def unsupported_keywords(messages: list[str]) -> tuple[str, ...]:
 
 
 def schema_error(schema: dict, message: str) -> ValueError:
-    """llguidance's compile error for ``schema`` as a ValueError that names keyword and path."""
+    """llguidance's compile error for ``schema`` as a ValueError that names keyword and path
+    (the meta-schema's verdict first, where it has one)."""
+    try:
+        check_meta_schema(schema)
+    except ValueError as exc:
+        return exc
     keys = unsupported_keywords([message])
     if keys:
         where = "; ".join(f"'{k}' at {', '.join(keyword_paths(schema, k)) or '#'}" for k in keys)

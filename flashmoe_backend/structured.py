@@ -278,15 +278,13 @@ class Constraint:
         self.vocabulary = Vocabulary.from_tokenizer(tokenizer)
         if not grammar.lstrip().startswith("{"):
             grammar = LLMatcher.grammar_from_lark(grammar)
-        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.vocabulary.llg)
-        if failed:
-            raise _grammar_error(schema, self.description, messages[0])
-        #: warnings of a grammar that compiled, e.g. keywords a lenient schema left unenforced.
-        self.warnings = messages
+        # Compiled once, here; each generation gets a copy. (A matcher never raises: a bad
+        # grammar leaves it in an error state that says why.)
         self._matcher = LLMatcher(self.vocabulary.llg, grammar, log_level=0)
-        if self._matcher.is_error():  # pragma: no cover - validate_grammar said it was fine
-            raise ValueError(f"cannot compile the {self.description} grammar: "
-                             f"{self._matcher.get_error()}")
+        if self._matcher.is_error():
+            raise _grammar_error(schema, self.description, self._matcher.get_error())
+        #: warnings of a grammar that compiled, e.g. keywords a lenient schema left unenforced.
+        self.warnings = self._matcher.get_grammar_warnings()
         self._parser = parser
 
     @classmethod

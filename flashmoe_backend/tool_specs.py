@@ -7,6 +7,8 @@ format (Qwen3.5 XML or Hermes JSON, see tool_calls.py) from the chat template.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import secrets
 from collections.abc import Iterable, Sequence
@@ -96,10 +98,23 @@ def _spec_from_any(tool: Any, i: int) -> ToolSpec:
         fn = tool["function"]
         if not isinstance(fn, dict):
             raise ValueError(f"tool #{i}: 'function' must be an object")
-        return _spec_from_dict(fn, i)
+        return _checked_once(fn, i)
     if tool.get("type") not in (None, "function"):
         raise ValueError(f"tool #{i}: only 'function' tools are supported, got {tool['type']!r}")
-    return _spec_from_dict(tool, i)
+    return _checked_once(tool, i)
+
+
+def _checked_once(fn: dict, i: int) -> ToolSpec:
+    """:func:`_spec_from_dict`, cached by the tool's JSON: agents send the same tools with every
+    request, and checking a schema costs about a millisecond."""
+    try:
+        text = json.dumps(fn)  # key order kept: it is the order of the parameters
+    except (TypeError, ValueError):
+        return _spec_from_dict(fn, i)  # not JSON: let the checks say what is wrong
+    try:
+        return _spec_from_json(text, i)
+    except ValueError as exc:
+        raise type(exc)(str(exc)) from None
 
 
 def _spec_from_dict(fn: dict, i: int) -> ToolSpec:
@@ -146,8 +161,7 @@ def _unenforced_keywords(params: dict) -> tuple[str, ...]:
 
     One argument's ``uniqueItems`` must not make an agent's whole tool list fail: such keywords
     are left out of the call grammar (llguidance's lenient mode) and checked after generation,
-    where a violation makes the call an ``InvalidToolCall``. Each parameter is checked on its
-    own too, as the XML format constrains each one by itself."""
+    where a violation makes the call an ``InvalidToolCall``."""
     from llguidance import LLMatcher
 
     check_schema(params)
@@ -155,22 +169,21 @@ def _unenforced_keywords(params: dict) -> tuple[str, ...]:
     if missing:
         raise ValueError(f"required parameter{'s' if len(missing) > 1 else ''} "
                          f"{', '.join(map(repr, missing))} not in 'properties'")
-    parts = [("#", params)] + [(f"#/properties/{p}", {**s, **{k: params[k] for k in
-                               ("$defs", "definitions") if k in params}})
-                              for p, s in params["properties"].items() if isinstance(s, dict)]
-    keys: list[str] = []
-    for where, schema in parts:
-        grammar = LLMatcher.grammar_from_lark("start: " + json_grammar(schema))
-        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
-        if not failed:
-            continue
-        found = unsupported_keywords(messages)
-        lenient = LLMatcher.grammar_from_lark("start: " + json_grammar(schema, lenient=True))
-        if not found or LLMatcher.validate_grammar_with_warnings(lenient)[0]:
-            raise ValueError(f"at {where}: {schema_error(schema, messages[0])}")
-        keys += [k for k in found if k not in keys]
+    strict = LLMatcher.grammar_from_lark("start: " + json_grammar(params))
+    failed, messages = LLMatcher.validate_grammar_with_warnings(strict)
+    if not failed:
+        return ()
+    keys = unsupported_keywords(messages)
+    lenient = LLMatcher.grammar_from_lark("start: " + json_grammar(params, lenient=True))
+    if not keys or LLMatcher.validate_grammar_with_warnings(lenient)[0]:
+        raise schema_error(params, messages[0])
     return tuple(f"'{k}' at {', '.join(keyword_paths(params, k)) or '#'} is not enforced by the "
                  "grammar; calls are checked against it after generation" for k in keys)
+
+
+@functools.lru_cache(maxsize=1024)
+def _spec_from_json(text: str, i: int) -> ToolSpec:
+    return _spec_from_dict(json.loads(text), i)
 
 
 def normalize_tools(tools: Iterable[Any] | None) -> list[ToolSpec]:
