@@ -169,6 +169,11 @@ def _normalize(rf: Any, whitespace: str | None) -> _Spec:
             "{'type': 'regex', 'pattern': ...}, {'type': 'grammar', 'grammar': ...} or "
             "outlines.types.Regex(...)"
         )
+    if not (isinstance(rf, type) or typing.get_origin(rf) is not None):
+        raise ValueError(
+            f"unsupported response format {rf!r} (a {type(rf).__name__} value): pass a Pydantic "
+            "model or other Python type, a JSON schema dict, a list of choices, "
+            "{'type': 'regex', 'pattern': ...} or {'type': 'grammar', 'grammar': ...}")
     return _python_type_spec(rf, whitespace, dsl)
 
 
@@ -193,8 +198,9 @@ def _dict_spec(rf: dict, whitespace: str | None) -> _Spec:
 def _python_type_spec(rf: Any, whitespace: str | None, dsl: Any) -> _Spec:
     try:
         term = dsl.python_types_to_terms(rf)
-    except (TypeError, RecursionError) as exc:
-        raise ValueError(f"unsupported response format {rf!r}: {exc}") from None
+    except (TypeError, RecursionError):
+        raise ValueError(f"unsupported response format {rf!r}: outlines cannot turn this type into "
+                         "a grammar") from None
     if isinstance(term, dsl.CFG):
         return _cfg_spec(term.definition)
     if isinstance(term, dsl.JsonSchema):
