@@ -1,23 +1,8 @@
-"""Tool calls in the model's own formats: parsing them back, and auto mode.
+"""Tool calls in the model's own formats: the constraint over a reply, and parsing calls back.
 
-Two formats, both wrapped in ``<tool_call>...</tool_call>``:
-
-* ``"xml"`` (Qwen3.5, Qwen3-Coder)::
-
-      <tool_call>
-      <function=NAME>
-      <parameter=P>
-      VALUE
-      </parameter>
-      </function>
-      </tool_call>
-
-  VALUE is bare text for string parameters and JSON for the others.
-* ``"hermes"`` (Qwen3-Next, Qwen3)::
-
-      <tool_call>
-      {"name": "NAME", "arguments": {...}}
-      </tool_call>
+Both formats wrap a call in ``<tool_call>...</tool_call>``: Qwen3.5's XML (``<function=NAME>``
+with one ``<parameter=P>`` block per argument, ``tool_formats/xml.py``) and Hermes JSON
+(``{"name": ..., "arguments": {...}}``, ``tool_formats/hermes.py``).
 
 ``tool_choice`` ``"required"`` and a named tool are forced with a grammar over the format
 (:func:`tool_call_constraint`); with ``"auto"`` the grammar is lazy: free text until the model
