@@ -66,6 +66,7 @@ class ConstrainedLogitsProcessor:
         self._eos = vocabulary.eos_token_ids
         self._words = np.zeros((vocabulary.size + 31) // 32, dtype=np.int32)
         self._biases: dict[tuple, mx.array] = {}
+        self._plans: dict[int, list[int]] = {}  # token -> the way to finish after it
         self._device_path: bool | None = None
 
     # -- state ----------------------------------------------------------------------------------
@@ -85,6 +86,7 @@ class ConstrainedLogitsProcessor:
 
     def reset(self) -> None:
         self.matcher.reset()
+        self._plans = {}
         self._n_seen = None
         self._generated = []
         self.eos_generated = False
@@ -209,26 +211,32 @@ class ConstrainedLogitsProcessor:
 
     def _finishing_mask(self, logits: mx.array, words: np.ndarray) -> np.ndarray | None:
         """The tokens that keep the structure finishable within the tokens left, when that
-        starts to matter; None while the model is free."""
+        starts to matter; None while the model is free. Each allowed token comes with its way
+        to finish, which the next step follows if the model took that token (recomputing it
+        would not shrink: the greedy path starts the same way from every state)."""
         if self.max_tokens is None or self.eos_generated:
             return None
         left = self.max_tokens - len(self._generated)  # including this step's token
+        plans, self._plans = self._plans, {}
         if left > _CLOSING_WINDOW or self.matcher.is_accepting():
             return None
-        path = self.finishing_path(left)
-        if path is None or len(path) < left - _CLOSING_MARGIN:
+        path = plans.get(self._generated[-1]) if self._generated else None
+        if path is None or len(path) > left:
+            path = self.finishing_path(left)
+        if not path or len(path) < left - _CLOSING_MARGIN:
             return None  # cannot finish in time anyway, or still plenty of room
-        keep = {path[0]}
+        self._plans = {path[0]: path[1:]}
         allowed = _ids_from_words(words)
         allowed = allowed[allowed < min(self.vocabulary.size, logits.shape[-1])]
         scores = np.array(logits.reshape(-1)[mx.array(allowed)].astype(mx.float32))
         for t in allowed[np.argsort(-scores)[:_CLOSING_CANDIDATES]].tolist():
-            if t in keep or t in self._eos:
+            if t in self._plans or t in self._eos:
                 continue
             trial = self.matcher.deep_copy()
-            if trial.consume_token(t) and self.finishing_path(left - 1, trial) is not None:
-                keep.add(t)
-        return np.asarray(sorted(keep))
+            rest = self.finishing_path(left - 1, trial) if trial.consume_token(t) else None
+            if rest is not None:
+                self._plans[t] = rest
+        return np.asarray(sorted(self._plans))
 
     # -- masking --------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import jsonschema
 
 from .json_schema import exact_validator, exact_value
 from .structured import Constraint, StructuredOutputError
-from .tool_formats.xml import string_branches
+from .tool_formats.xml import scan_call, string_branches
 from .tool_grammar import tool_call_grammar
 from .tool_specs import (
     THINK_CLOSE,
@@ -164,6 +164,16 @@ def parse_tool_calls(
                     body_end, end_tag = k2, after
             except json.JSONDecodeError:
                 pass
+        elif specs and (scanned := scan_call(text, k, specs)) is not None:
+            # XML read parameter by parameter: JSON values may hold closing tags in strings.
+            after = _skip_ws(text, scanned[2])
+            if text.startswith(TOOL_CALL_CLOSE, after):
+                name, raw, _ = scanned
+                item = _validated(name, {p: _convert_xml_value(v, p, specs.get(name))
+                                         for p, v in raw.items()}, specs, text[j:after])
+                (calls if isinstance(item, ToolCall) else invalid).append(item)
+                pos = after + len(TOOL_CALL_CLOSE)
+                continue
         if body_end < 0:
             end_tag = text.find(TOOL_CALL_CLOSE, j)
             body_end = end_tag if end_tag >= 0 else len(text)

@@ -486,3 +486,69 @@ def test_auto_mode_ignores_tool_call_inside_think(tiny_quantized_dir):
 def test_tool_call_dataclass():
     c = ToolCall("f", {"x": 1})
     assert c.id.startswith("call_") and ToolCall("f", {}).id != c.id
+
+
+def _one_param(schema: dict) -> dict:
+    return {"name": "t", "parameters": {"type": "object", "properties": {"v": schema},
+                                        "required": ["v"]}}
+
+
+def _xml_call(value: str) -> str:
+    return f"<tool_call>\n<function=t>\n<parameter=v>\n{value}\n</parameter>\n</function>\n</tool_call>"
+
+
+@pytest.mark.parametrize("schema,good,bad", [
+    ({"type": "string", "maxLength": 255}, "x" * 255, "x" * 256),  # long bounds compile and mask
+    ({"type": "string", "format": "email", "maxLength": 12}, "al@ex.com", "averyverylong@example.com"),
+    ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 5}, "abcde", "abcdef"),
+    ({"type": "string", "pattern": "^[a-z]+$", "minLength": 3}, "abc", "ab"),
+])
+def test_xml_raw_strings_keep_every_bound(schema, good, bad, tiny_tokenizer_dir):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    c = tool_call_constraint([_one_param(schema)], "required", "xml",
+                             load_tokenizer(tiny_tokenizer_dir("xml")), parallel=False)
+    assert c.status(_xml_call(good)) == "complete" and c.status(_xml_call(bad)) != "complete"
+    proc = c.logits_processor()
+    assert proc.advance_text("<tool_call>\n<function=t>\n<parameter=v>\n")
+    assert proc.allowed_token_ids()  # the mask inside the value can be computed
+
+
+@pytest.mark.parametrize("fmt", ["xml", "hermes"])
+@pytest.mark.parametrize("schema", [{"type": "integer"}, {"type": "string", "format": "email"},
+                                    {"type": "string", "pattern": "^v[0-9]+$"}])
+def test_steering_closes_against_a_model_that_wants_more(fmt, schema, tiny_tokenizer_dir):
+    """A model that always prefers another digit still ends with a complete call at max_tokens:
+    the processor follows the way to finish it committed to."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    c = tool_call_constraint([_one_param(schema)], "required", fmt,
+                             load_tokenizer(tiny_tokenizer_dir(fmt)), parallel=False)
+    vocab = c.vocabulary
+    digits = [i for i, b in enumerate(vocab.token_bytes) if b.isdigit() and not b.startswith(b"0")]
+    bias = np.zeros((1, vocab.size), np.float32)
+    bias[0, digits] = 10.0 + np.arange(len(digits)) * 0.01
+    proc = c.logits_processor(max_tokens=64)
+    ids = [vocab.eos_token_id]  # stands for the prompt
+    for _ in range(64):
+        ids.append(int(mx.argmax(proc(mx.array(ids), mx.array(bias)), axis=-1).item()))
+        if ids[-1] in vocab.eos_token_ids:
+            break
+    if ids[-1] not in vocab.eos_token_ids:
+        proc(mx.array(ids), mx.array(bias))  # take in the last token
+    assert proc.is_complete, vocab.decode_bytes(ids[1:])
+    text = vocab.decode_bytes([t for t in ids[1:] if t not in vocab.eos_token_ids]).decode()
+    assert c.parse(text)[0].name == "t"
+
+
+@pytest.mark.parametrize("value", ['["a", "b"]', '["a</parameter>b"]', '["x</tool_call>y"]'])
+def test_closing_tags_inside_a_json_value_parse_back(value, tiny_tokenizer_dir):
+    """A JSON-valued XML parameter may hold a closing tag inside a string (the grammar allows
+    it); the parser reads the value as JSON, not up to the tag."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tool = _one_param({"type": "array", "items": {"type": "string"}})
+    c = tool_call_constraint([tool], "required", "xml", load_tokenizer(tiny_tokenizer_dir("xml")))
+    assert c.status(_xml_call(value)) == "complete"
+    content, calls, invalid = parse_tool_calls("ok " + _xml_call(value), "xml", [tool])
+    assert content == "ok" and not invalid and calls[0].arguments == {"v": json.loads(value)}

@@ -1,9 +1,13 @@
 """Evaluate a trained demo checkpoint through the flashmoe engine, at several expert bit widths.
 
     python train/evaluate.py --hf CHECKPOINT [--bits 8,4,2] [--n 30] [--out report.md]
+    python train/evaluate.py --store STORE [--store STORE2 ...] [--n 30] [--out report.md]
 
 For each bit width the Hugging Face checkpoint is packed into a store
-(``flashmoe_backend.pack(hf, store, PackOptions(bits=b, group_size=...))``), loaded with
+(``flashmoe_backend.pack(hf, store, PackOptions(bits=b, group_size=...))``); ``--store`` instead
+evaluates existing stores as they are (each row is labelled with its experts' bit width from the
+manifest), so that two engines can be compared on the very same stores. ``--hf`` also takes a
+float checkpoint rebuilt from a store by ``train/dequantize_store.py``. Each store is loaded with
 ``FlashMoE.load(store, cache_gb=...)`` and run greedily (``enable_thinking=False``) on held-out
 conversations of :mod:`train.data` (a seed no training run uses):
 
@@ -176,9 +180,12 @@ COLUMNS = [
 
 
 def markdown(results: dict[int, dict[str, dict]], meta: dict) -> str:
-    lines = [f"# Demo model evaluation: {meta['hf']}", "",
+    title = meta["hf"] or ", ".join(str(s) for s in meta.get("stores", {}).values())
+    lines = [f"# Demo model evaluation: {title}", "",
              f"Held-out seed {HELD_OUT_SEED}, {meta['n']} conversations per task, greedy decoding, "
-             f"enable_thinking=False, group size {meta['group_size']}, cache {meta['cache_gb']} GiB. "
+             f"enable_thinking=False, "
+             + (f"group size {meta['group_size']}" if meta.get("group_size") else "stores as packed")
+             + f", cache {meta['cache_gb']} GiB, engine {meta.get('engine', 'flashmoe_backend')}. "
              "Each cell: score (mean decode tok/s).", ""]
     present = [(t, k, title) for t, k, title in COLUMNS
                if any(t in r and k in r[t] for r in results.values())]
@@ -196,7 +203,9 @@ def markdown(results: dict[int, dict[str, dict]], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf", required=True, type=Path, help="the trained Hugging Face checkpoint")
+    p.add_argument("--hf", type=Path, default=None, help="the trained Hugging Face checkpoint")
+    p.add_argument("--store", type=Path, action="append", default=None,
+                   help="evaluate this existing store as it is (repeatable; replaces --hf/--bits)")
     p.add_argument("--bits", default="8,4,2")
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--dtype", default=None, help="float dtype of the packed resident weights")
@@ -207,21 +216,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stores", type=Path, default=None, help="keep the packed stores here")
     p.add_argument("--out", type=Path, default=Path("demo_eval.md"))
     args = p.parse_args(argv)
+    if (args.hf is None) == (args.store is None):
+        p.error("give either --hf CHECKPOINT or --store STORE")
 
+    import flashmoe_backend
     from flashmoe_backend import FlashMoE, PackOptions, pack
 
-    text_config = json.loads((args.hf / "config.json").read_text()).get("text_config", {})
-    for key in ("hidden_size", "moe_intermediate_size"):
-        if text_config.get(key, 0) % args.group_size:
-            print(f"warning: --group-size {args.group_size} does not divide {key}={text_config[key]}: "
-                  "mlx-lm leaves those expert matrices unquantized", flush=True)
     root = args.stores or Path(tempfile.mkdtemp(prefix="flashmoe-eval-"))
+    if args.store is not None:
+        targets = [(_store_label(s), s) for s in args.store]
+    else:
+        text_config = json.loads((args.hf / "config.json").read_text()).get("text_config", {})
+        for key in ("hidden_size", "moe_intermediate_size"):
+            if text_config.get(key, 0) % args.group_size:
+                print(f"warning: --group-size {args.group_size} does not divide {key}={text_config[key]}: "
+                      "mlx-lm leaves those expert matrices unquantized", flush=True)
+        targets = [(int(b), root / f"store-{int(b)}bit") for b in args.bits.split(",")]
     kinds = args.kinds.split(",")
-    results: dict[int, dict[str, dict]] = {}
-    samples: dict[int, dict[str, list]] = {}
-    for bits in (int(b) for b in args.bits.split(",")):
-        store = root / f"store-{bits}bit"
-        if not (store / "manifest.json").is_file():
+    results: dict[int | str, dict[str, dict]] = {}
+    samples: dict[int | str, dict[str, list]] = {}
+    for bits, store in targets:
+        if args.store is None and not (store / "manifest.json").is_file():
             shutil.rmtree(store, ignore_errors=True)
             pack(args.hf, store, PackOptions(bits=bits, group_size=args.group_size, dtype=args.dtype,
                                              progress=False))
@@ -234,8 +249,10 @@ def main(argv: list[str] | None = None) -> dict:
         results[bits] = {k: c.summary() for k, c in cells.items()}
         samples[bits] = {k: c.examples for k, c in cells.items()}
         print(f"  ({time.time() - tic:.0f}s)", flush=True)
-    meta = {"hf": str(args.hf), "n": args.n, "group_size": args.group_size, "cache_gb": args.cache_gb,
-            "dtype": args.dtype}
+    meta = {"hf": str(args.hf) if args.hf else None, "n": args.n,
+            "group_size": args.group_size if args.hf else None, "cache_gb": args.cache_gb,
+            "dtype": args.dtype, "engine": str(Path(flashmoe_backend.__file__).parent),
+            "stores": {str(b): str(s) for b, s in targets}}
     text = markdown(results, meta)
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results,
@@ -244,6 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.stores is None:
         shutil.rmtree(root, ignore_errors=True)
     return results
+
+
+def _store_label(store: Path) -> int | str:
+    """The experts' bit width of a store (its manifest), the row label of ``--store``."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    bits = {(layer.get("quantization") or {}).get("bits", 16) for layer in manifest["layers"]}
+    return bits.pop() if len(bits) == 1 else store.name
 
 
 if __name__ == "__main__":

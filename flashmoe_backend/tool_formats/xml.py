@@ -15,13 +15,15 @@ and JSON for the others; either way it is constrained by the parameter's own sch
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from ..json_schema import DEFAULT_WHITESPACE, json_grammar
 from ..lark import lark_literal, lark_regex
 from ..tool_specs import XML_CLOSERS, ToolSpec
 
-__all__ = ["FORMAT_REGEXES", "call_rules", "string_branches"]
+__all__ = ["FORMAT_REGEXES", "call_rules", "scan_call", "string_branches"]
 
 _IPV4_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _HOST_LABEL = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?"
@@ -104,17 +106,22 @@ def string_branches(schema: dict, root: dict) -> tuple[list[dict], bool] | None:
     return None
 
 
-def _raw_string_terminal(s: dict) -> str | None:
-    """A Lark terminal for a raw string value, or None for one given as literals."""
+def _raw_string_terminal(s: dict) -> str:
+    """A Lark terminal for a raw string value: its pattern, format and length together.
+
+    A value must not hold a tag that would end it early when parsed. Free text is any text
+    without those tags (a complement); a constrained one simply holds no ``<``, because a
+    complement combined with a counted length exhausts llguidance's lexer (``maxLength`` 40 and
+    up failed)."""
+    parts = []
     if "pattern" in s:
-        return f"{lark_regex(s['pattern'])} & {_NO_CLOSER}"
-    fmt = s.get("format")
-    if fmt in FORMAT_REGEXES:
-        return lark_regex(FORMAT_REGEXES[fmt])
+        parts += [lark_regex(s["pattern"]), "/[^<]*/"]
+    if s.get("format") in FORMAT_REGEXES:
+        parts.append(lark_regex(FORMAT_REGEXES[s["format"]]))
     lo, hi = s.get("minLength"), s.get("maxLength")
     if lo is not None or hi is not None:
-        return f"/(?s:.{{{lo or 0},{'' if hi is None else hi}}})/ & {_NO_CLOSER}"
-    return _NO_CLOSER
+        parts.append(f"/[^<]{{{lo or 0},{'' if hi is None else hi}}}/")
+    return " & ".join(parts) if parts else _NO_CLOSER
 
 
 def _value_rules(prop: dict, root: dict, rule: str, whitespace: str | None) -> list[str]:
@@ -156,3 +163,48 @@ def call_rules(tool: ToolSpec, rule: str, whitespace: str | None = DEFAULT_WHITE
         parts.append(f"({block})" + ("" if pname in required else "?"))
     parts.append(lark_literal("</function>\n</tool_call>"))
     return "\n".join([f"{rule}: " + " ".join(parts)] + rules)
+
+
+_FUNCTION_OPEN = re.compile(r"<function=([^>\n]+)>\n?")
+_PARAMETER_OPEN = re.compile(r"<parameter=([^>\n]+)>\n?")
+_PARAMETER_CLOSE = "</parameter>"
+
+
+def scan_call(text: str, start: int, tools: dict[str, ToolSpec]) -> tuple[str, dict, int] | None:
+    """Read the XML call at ``text[start:]`` (``<function=NAME>...</function>``) parameter by
+    parameter: ``(name, {parameter: raw value}, end)``, or None where it is not one.
+
+    A JSON-valued parameter (by the tool's schema) is read as JSON, so a string inside it may
+    hold ``</parameter>`` or ``</tool_call>``, as the grammar allows; a raw string value ends
+    at the first ``</parameter>``, which the grammar keeps out of it."""
+    m = _FUNCTION_OPEN.match(text, start)
+    if m is None:
+        return None
+    name, pos, raw = m.group(1).strip(), m.end(), {}
+    spec = tools.get(name)
+    decoder = json.JSONDecoder()
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if text.startswith("</function>", pos):
+            return name, raw, pos + len("</function>")
+        p = _PARAMETER_OPEN.match(text, pos)
+        if p is None:
+            return None
+        pname, value_start, value_end = p.group(1).strip(), p.end(), -1
+        prop = spec.parameters.get("properties", {}).get(pname) if spec else None
+        if isinstance(prop, dict) and string_branches(prop, spec.parameters) is None:
+            try:
+                value_end = decoder.raw_decode(text, value_start)[1]
+            except json.JSONDecodeError:
+                value_end = -1
+            close = value_end + text.startswith("\n", value_end) if value_end >= 0 else -1
+            if close < 0 or not text.startswith(_PARAMETER_CLOSE, close):
+                value_end = -1
+        if value_end < 0:
+            close = text.find(_PARAMETER_CLOSE, value_start)
+            if close < 0:
+                return None
+            value_end = close - 1 if close > value_start and text[close - 1] == "\n" else close
+        raw[pname] = text[value_start:value_end]
+        pos = close + len(_PARAMETER_CLOSE)
