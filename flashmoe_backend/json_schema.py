@@ -1,19 +1,20 @@
-"""JSON schemas for the grammar engine: loading, checking, and embedding them in Lark grammars.
+"""JSON schemas for the grammar engine: loading, checking, embedding, and validating outputs.
 
 llguidance compiles JSON Schema (draft 2020-12) itself; this module decides what reaches it:
 
-* :func:`load_schema` / :func:`check_schema` reject malformed schemas with a
-  :class:`ValueError` that names the problem and where it is (meta-schema, local ``$ref``s,
-  ``$schema``), and refuse what llguidance would enforce more loosely than JSON Schema means it
-  (:func:`check_schema` lists those cases); :func:`load_schema` also spells out the regex escapes
-  whose meaning differs between ECMA-262 (JSON Schema's regex dialect), llguidance and Python's
-  ``re`` (:func:`ecma_regex`), so that the grammar and the output validator agree;
+* :func:`load_schema` / :func:`check_schema` reject what the grammar engine would miss or get
+  wrong (non-local ``$ref``s, contradictory bounds, unknown ``$schema``, bounds it cannot read
+  exactly, ...) with a :class:`ValueError` that names the problem and where it is;
+  :func:`load_schema` also spells out the regex escapes whose meaning differs between ECMA-262
+  (JSON Schema's regex dialect), llguidance and Python's ``re`` (:func:`ecma_regex`), so that
+  the grammar and the output validator agree;
 * :func:`json_grammar` is the schema as a Lark fragment (``%json{...}``) with the project's
-  whitespace rules;
-* :func:`compile_errors` turns llguidance's verdict into :class:`UnsupportedSchemaError`, which
-  names each keyword it cannot enforce and every path it occurs at, so a constraint is never lost
-  silently. With ``lenient=True`` (tool parameters) those keywords are dropped from the grammar
-  and reported back instead; the tool-call parser then checks them after generation.
+  whitespace rules and closed objects;
+* :func:`schema_error` turns llguidance's compile error into :class:`UnsupportedSchemaError`,
+  which names each keyword it cannot enforce and every path it occurs at (the meta-schema's
+  verdict first, :func:`check_meta_schema`), so a constraint is never lost silently. With
+  ``lenient=True`` (tool parameters) those keywords are dropped from the grammar and reported
+  instead; the tool-call parser then checks them after generation;
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from decimal import Decimal, InvalidOperation
-from fractions import Fraction
 from typing import Any
 
 import jsonschema
@@ -35,9 +34,6 @@ __all__ = [
     "check_meta_schema",
     "check_schema",
     "ecma_regex",
-    "exact_loads",
-    "exact_validator",
-    "exact_value",
     "json_grammar",
     "keyword_paths",
     "load_schema",
@@ -516,51 +512,3 @@ def _message_keywords(schema: dict, message: str) -> dict[str, list[str]]:
         if paths and name not in found:
             found[name] = paths
     return found
-
-
-# =============================================================================================
-# Validating what was generated, with numbers read exactly
-# =============================================================================================
-
-
-def _exact_number(text: str) -> Decimal | float:
-    try:
-        return Decimal(text)
-    except InvalidOperation:  # an exponent beyond Decimal's range: a float's inf or 0
-        return float(text)
-
-
-def exact_loads(text: str) -> Any:
-    """JSON text as a value with its non-integer numbers as exact ``Decimal``s."""
-    return json.loads(text, parse_float=_exact_number)
-
-
-def exact_value(value: Any) -> Any:
-    """A JSON value with its non-integer numbers as exact ``Decimal``s (floats read as the
-    shortest decimal that round-trips, which is what their JSON text says)."""
-    return exact_loads(json.dumps(value))
-
-
-def _is_integer(checker: Any, instance: Any) -> bool:
-    if isinstance(instance, Decimal):  # 1.0 and 1e308 are integers in JSON Schema
-        return instance.is_finite() and instance == instance.to_integral_value()
-    return jsonschema.Draft202012Validator.TYPE_CHECKER.is_type(instance, "integer")
-
-
-def _multiple_of(validator: Any, divisor: Any, instance: Any, schema: dict) -> Iterator[Any]:
-    if validator.is_type(instance, "number") and (
-            Fraction(instance) / Fraction(divisor)).denominator != 1:
-        yield jsonschema.ValidationError(f"{instance!r} is not a multiple of {divisor}")
-
-
-def exact_validator(schema: dict, *, formats: bool = False) -> Any:
-    """A ``jsonschema`` validator for ``schema`` that reads numbers as the decimals the text
-    denotes (validate :func:`exact_value` instances): the grammar enforces ``multipleOf`` and
-    bounds exactly, and float arithmetic would call 0.7404 no multiple of 0.0001. ``formats``
-    asserts ``format`` too."""
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    exact_cls = jsonschema.validators.extend(
-        cls, validators={"multipleOf": _multiple_of},
-        type_checker=cls.TYPE_CHECKER.redefine("integer", _is_integer))
-    checker = cls.FORMAT_CHECKER if formats else None
-    return exact_cls(exact_value(schema), format_checker=checker)

@@ -34,12 +34,11 @@ from .grammar_processor import ConstrainedLogitsProcessor, IncompleteOutputError
 from .json_schema import (
     DEFAULT_WHITESPACE,
     check_schema,
-    exact_loads,
-    exact_validator,
     json_grammar,
     load_schema,
     schema_error,
 )
+from .json_validation import exact_loads, exact_validator
 from .lark import THINK_BLOCK_RULES, grammar_document, lark_literal, lark_regex
 from .vocabulary import Vocabulary
 

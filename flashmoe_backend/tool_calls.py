@@ -21,7 +21,7 @@ from typing import Any
 
 import jsonschema
 
-from .json_schema import exact_validator, exact_value
+from .json_validation import exact_validator, exact_value
 from .structured import Constraint, StructuredOutputError
 from .tool_formats.xml import scan_call, string_branches
 from .tool_grammar import tool_call_grammar

@@ -43,13 +43,8 @@ from pathlib import Path
 import pytest
 
 import flashmoe_backend
-from flashmoe_backend.json_schema import (
-    UnsupportedSchemaError,
-    ecma_regex,
-    exact_loads,
-    exact_validator,
-    exact_value,
-)
+from flashmoe_backend.json_schema import UnsupportedSchemaError, ecma_regex
+from flashmoe_backend.json_validation import exact_loads, exact_validator, exact_value
 from flashmoe_backend.structured import Constraint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "json_schema_suite" / "draft2020-12.json"
