@@ -33,7 +33,6 @@ import mlx.core as mx
 import numpy as np
 from pydantic import BaseModel, Field
 
-from flashmoe_backend.json_schema import regex_escape
 from flashmoe_backend.structured import Constraint
 from flashmoe_backend.tool_calls import tool_call_constraint
 from flashmoe_backend.tool_formats.xml import string_branches
@@ -327,6 +326,23 @@ def child_new(cell: dict, token_bytes: list[bytes], _timeout: float) -> dict:
     rss1, peak, wchar1 = proc_stats()
     return {"compile_s": dt, "rss_mb": (rss1 - rss0) / MB, "peak_mb": (peak - rss0) / MB,
             "wrote_bytes": wchar1 - wchar0, "new_files": sorted(files_under(roots) - files)}
+
+
+def regex_escape(text: str) -> str:
+    """Escape ``text`` for a regex (Rust/llguidance syntax; also valid for Python's ``re``)."""
+    out = []
+    for c in text:
+        if c in "\\.+*?()|[]{}^$#&-~/":
+            out.append("\\" + c)
+        elif c == "\n":
+            out.append(r"\n")
+        elif c == "\t":
+            out.append(r"\t")
+        elif c == "\r":
+            out.append(r"\r")
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 def old_regex(cell: dict) -> str:

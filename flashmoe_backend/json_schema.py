@@ -37,7 +37,6 @@ __all__ = [
     "json_grammar",
     "keyword_paths",
     "load_schema",
-    "regex_escape",
     "unsupported_keywords",
 ]
 
@@ -56,23 +55,6 @@ class UnsupportedSchemaError(ValueError):
     def __init__(self, message: str, keywords: tuple[str, ...] = ()):
         super().__init__(message)
         self.keywords = keywords
-
-
-def regex_escape(text: str) -> str:
-    """Escape ``text`` for a regex (Rust/llguidance syntax; also valid for Python's ``re``)."""
-    out = []
-    for c in text:
-        if c in "\\.+*?()|[]{}^$#&-~/":
-            out.append("\\" + c)
-        elif c == "\n":
-            out.append(r"\n")
-        elif c == "\t":
-            out.append(r"\t")
-        elif c == "\r":
-            out.append(r"\r")
-        else:
-            out.append(c)
-    return "".join(out)
 
 
 def load_schema(schema: Any) -> dict:

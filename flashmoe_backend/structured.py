@@ -259,7 +259,7 @@ def _grammar_error(schema: dict | None, description: str, message: str) -> Value
 class Constraint:
     """A compiled output constraint: its grammar, a processor factory and a parser.
 
-    Build with :meth:`from_response_format` (or :meth:`from_lark` / :meth:`from_regex`); each
+    Build with :meth:`from_response_format` (or from a Lark grammar directly); each
     compiles the grammar eagerly, so every problem with the format surfaces before generation.
     """
 
@@ -322,14 +322,6 @@ class Constraint:
                                        format=spec.lark)
         return cls(grammar, tokenizer, kind=spec.kind, schema=spec.schema,
                    parser=spec.parser, description=spec.description)
-
-    @classmethod
-    def from_lark(cls, grammar: str, tokenizer: Any) -> Constraint:
-        return cls(grammar, tokenizer, kind="cfg")
-
-    @classmethod
-    def from_regex(cls, regex: str, tokenizer: Any) -> Constraint:
-        return cls("start: " + lark_regex(regex), tokenizer, kind="regex")
 
     def logits_processor(self, max_tokens: int | None = None) -> ConstrainedLogitsProcessor:
         """A fresh, stateful mlx-lm logits processor for one generation; with ``max_tokens`` it

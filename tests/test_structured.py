@@ -525,3 +525,13 @@ def test_outlines_model_on_cpu(quantized):
     with pytest.raises(NotImplementedError, match="llguidance"):
         om("x", Person, backend="xgrammar")
     json.dumps(out)
+
+
+def test_listed_properties_close_the_object_unless_others_are_needed(tok):
+    """An object that lists its properties gets no others (as OpenAI strict mode generates), but
+    stays open where other keys are required or allowed explicitly."""
+    listed = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    c = Constraint.from_response_format(listed, tok)
+    assert c.status('{"x": 1}') == "complete" and c.status('{"x": 1, "y": 2}') != "complete"
+    for open_ in ({**listed, "required": ["x", "y"]}, {**listed, "additionalProperties": True}):
+        assert Constraint.from_response_format(open_, tok).status('{"x": 1, "y": 2}') == "complete"

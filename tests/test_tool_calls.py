@@ -552,3 +552,11 @@ def test_closing_tags_inside_a_json_value_parse_back(value, tiny_tokenizer_dir):
     assert c.status(_xml_call(value)) == "complete"
     content, calls, invalid = parse_tool_calls("ok " + _xml_call(value), "xml", [tool])
     assert content == "ok" and not invalid and calls[0].arguments == {"v": json.loads(value)}
+
+
+def test_tool_specs_are_checked_once_per_distinct_tool():
+    """Agents resend the same tools with every request: the checked spec is reused."""
+    [a], [b] = normalize_tools([SEARCH]), normalize_tools([json.loads(json.dumps(SEARCH))])
+    assert a is b
+    [c] = normalize_tools([{**SEARCH, "description": "Another."}])
+    assert c is not a and c.description == "Another."
