@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--bits", default="4,2", help="bit widths of the demo store (comma-separated)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="only this many specs (spread evenly)")
+    p.add_argument("--only", default=None, help="only these tools (comma-separated names)")
     p.add_argument("--walk", action="store_true", help="also walk every grammar with random logits")
     p.add_argument("--walk-only", action="store_true", help="only the grammar walk")
     p.add_argument("--stores", type=Path, default=None, help="keep re-packed stores here")
@@ -250,6 +251,11 @@ def main(argv: list[str] | None = None) -> dict:
     specs = checks.load_specs()
     if args.limit:
         specs = checks.sample(specs, args.limit)
+    if args.only:
+        names = set(args.only.split(","))
+        specs = [s for s in specs if checks.tool_name(s) in names]
+        if missing := names - {checks.tool_name(s) for s in specs}:
+            p.error(f"--only: no such tool(s) in the fixture: {', '.join(sorted(missing))}")
 
     def log(s: str) -> None:
         print(s, file=sys.stderr, flush=True)

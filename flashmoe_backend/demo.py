@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 DEMO_STORE = Path(__file__).parent / "assets" / "demo-qwen3_5_moe-4bit"
+DEMO_NAME = "demo"  # what the commands accept for DEMO_STORE wherever they take a STORE
 DEMO_IS_TRAINED = True
 
 DOCUMENT = """HR record: Lena Okafor
@@ -30,8 +31,11 @@ WEATHER_TOOL = {
             "type": "object",
             "properties": {
                 "city": {"type": "string", "description": "The city name"},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"],
-                         "description": "Temperature unit"},
+                "unit": {
+                    "type": "string",
+                    "enum": ["celsius", "fahrenheit"],
+                    "description": "Temperature unit",
+                },
             },
             "required": ["city"],
         },
@@ -54,7 +58,7 @@ def fake_weather(city: str, unit: str = "celsius") -> dict:
 def run_demo(cache_gb: float | None = None, max_tokens: int = 48) -> int:
     """Answer a question from a document, then call a tool and answer from its result, streaming
     the experts with a cache of a quarter of their bytes; print the statistics."""
-    from .cli import _print_stats, _stream_to_stdout
+    from .console import print_stats, stream_to_console
     from .engine import GB, FlashMoE
     from .store import read_manifest
 
@@ -63,29 +67,46 @@ def run_demo(cache_gb: float | None = None, max_tokens: int = 48) -> int:
     budget = cache_gb if cache_gb is not None else expert_bytes / 4 / GB
     engine = FlashMoE.load(store, cache_gb=budget)
     err = sys.stderr
-    print(f"flashmoe demo: {store.name}, a 7.75M-parameter trained Qwen3.5-MoE; "
-          f"{expert_bytes / 2**20:.1f} MiB of experts streamed through a "
-          f"{budget * GB / 2**20:.2f} MiB cache ({budget * GB / expert_bytes:.0%})\n", file=err)
+    print(
+        f"flashmoe demo: {store.name}, a 7.75M-parameter trained Qwen3.5-MoE; "
+        f"{expert_bytes / 2**20:.1f} MiB of experts streamed through a "
+        f"{budget * GB / 2**20:.2f} MiB cache ({budget * GB / expert_bytes:.0%})\n",
+        file=err,
+    )
     try:
-        messages = [{"role": "system", "content": "Use the following facts to answer.\n" + DOCUMENT},
-                    {"role": "user", "content": QUESTION}]
+        messages = [
+            {"role": "system", "content": "Use the following facts to answer.\n" + DOCUMENT},
+            {"role": "user", "content": QUESTION},
+        ]
         print(f"Document:\n{DOCUMENT}\n\nQ: {QUESTION}\nA: ", end="", file=err, flush=True)
-        _stream_to_stdout(engine, messages, max_tokens=max_tokens, enable_thinking=False)
+        stream_to_console(engine.stream(messages, max_tokens=max_tokens, enable_thinking=False))
 
         messages = [{"role": "user", "content": REQUEST}]
         print(f"\nQ: {REQUEST}", file=err)
-        call = engine.generate(messages, tools=[WEATHER_TOOL], tool_choice="required",
-                               max_tokens=max_tokens, enable_thinking=False).tool_calls[0]
+        call = engine.generate(
+            messages,
+            tools=[WEATHER_TOOL],
+            tool_choice="required",
+            max_tokens=max_tokens,
+            enable_thinking=False,
+        ).tool_calls[0]
         result = fake_weather(**call.arguments)
-        print(f"tool call: {call.name}({json.dumps(call.arguments)}) -> {json.dumps(result)}\nA: ",
-              end="", file=err, flush=True)
+        print(
+            f"tool call: {call.name}({json.dumps(call.arguments)}) -> {json.dumps(result)}\nA: ",
+            end="",
+            file=err,
+            flush=True,
+        )
         assistant = {"type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-        messages += [{"role": "assistant", "content": "", "tool_calls": [assistant]},
-                     {"role": "tool", "content": json.dumps(result)}]
-        _stream_to_stdout(engine, messages, tools=[WEATHER_TOOL], max_tokens=max_tokens,
-                          enable_thinking=False)
+        messages += [
+            {"role": "assistant", "content": "", "tool_calls": [assistant]},
+            {"role": "tool", "content": json.dumps(result)},
+        ]
+        stream_to_console(
+            engine.stream(messages, tools=[WEATHER_TOOL], max_tokens=max_tokens, enable_thinking=False)
+        )
         print(file=err)
-        _print_stats(engine.stats)
+        print_stats(engine.stats)
     finally:
         engine.close()
     return 0

@@ -8,45 +8,142 @@ work with mlx-lm's and Outlines' own generation code unchanged.
 from __future__ import annotations
 
 import copy
+import math
+import os
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from .aio import iterate_in_thread
 from .cache import DEFAULT_POLICY, CacheCounters, ExpertCache, Policy
+from .demo import DEMO_NAME, default_store
+from .errors import (
+    CacheBudgetWarning,
+    InvalidRequestError,
+    ParameterError,
+    StoreNotFoundError,
+    ToolError,
+)
 from .generate import (
     Chunk,
+    GenerationDefaults,
     GenerationParams,
     GenerationResult,
     Prompt,
     TokenStream,
     encode_prompt,
     finish_stats,
+    generation_params,
+    read_generation_defaults,
 )
 from .kernels.gated_delta import install_fast_gated_delta
 from .output import MarkupFilter, OutputPlan, prompt_in_think
 from .prompt_cache import PromptCache, message_boundaries, prefill
 from .reader import ExpertReader, PageCache, ReaderConfig, Verify
 from .stats import Stats
-from .store import Manifest, StoreError, check_store, read_config, read_manifest
+from .store import MANIFEST, Manifest, StoreError, check_store, read_config, read_manifest
 from .streaming import ExpertStreamer, StreamCounters, install_streaming
-from .tool_calls import normalize_tool_choice, normalize_tools
+from .structured import check_response_format
+from .tool_calls import ToolSpec, normalize_tool_choice, normalize_tools
+from .validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_prompt,
+    check_tools_argument,
+    reply_budget,
+)
 
 GB = 1024**3
-_PARAM_NAMES = {f.name for f in fields(GenerationParams)}
+MiB = 1024**2
+
+
+def find_store(store: Any) -> Path:
+    """The store directory of ``store`` (a path, or ``"demo"``: the embedded demo store, as on the
+    command line); ``StoreNotFoundError`` (a ``FileNotFoundError`` and a ``StoreError``) when
+    there is no directory or no manifest in it."""
+    if not isinstance(store, (str, os.PathLike)):
+        raise ParameterError(f"store must be a path to a store directory, got {type(store).__name__}")
+    if store == DEMO_NAME:
+        return default_store()
+    path = Path(store).expanduser()
+    if not path.is_dir():
+        raise StoreNotFoundError(f"{path}: no such store directory; make a store with `flashmoe pack`")
+    if not (path / MANIFEST).is_file():
+        raise StoreNotFoundError(
+            f"{path}: not a flashmoe store (no {MANIFEST}); make one with `flashmoe pack`"
+        )
+    return path
+
+
+def check_load_options(
+    cache_gb: Any,
+    experts_per_token: Any,
+    io_threads: Any,
+    page_cache: Any,
+    verify: Any,
+    policy: Any,
+    prefill_step_size: Any,
+    prompt_cache_entries: Any,
+) -> None:
+    """``FlashMoE.load``'s options, checked before anything is read (``ParameterError``)."""
+    check_number("cache_gb", cache_gb, 0.0, low_open=True)
+    check_int("experts_per_token", experts_per_token, 1, none_means="the model's own routing")
+    check_int("io_threads", io_threads, 1)
+    check_choice("page_cache", page_cache, get_args(PageCache))
+    check_choice("verify", verify, get_args(Verify))
+    check_choice("policy", policy, get_args(Policy))
+    check_int("prefill_step_size", prefill_step_size, 1)
+    check_int("prompt_cache_entries", prompt_cache_entries, 0)
+
+
+def experts_per_token_of(config: dict) -> int | None:
+    """The model's own number of experts per token (K), if its config says."""
+    return config.get("text_config", config).get("num_experts_per_tok")
+
+
+def gib_at_least(nbytes: int) -> str:
+    """``nbytes`` in GiB, rounded up to 3 significant digits: a ``cache_gb`` that surely holds it."""
+    gib = nbytes / GB
+    digits = max(2 - math.floor(math.log10(gib)), 0)
+    return f"{math.ceil(gib * 10**digits) / 10**digits:.{digits}f}"
+
+
+def check_cache_budget(budget_bytes: int, manifest: Manifest, experts_per_token: int | None) -> None:
+    """Refuse a budget below one expert record; warn (``CacheBudgetWarning``) when it cannot hold
+    one token's experts of a layer: then every token reads its experts from disk again."""
+    record = max(layer.record_bytes for layer in manifest.layers)
+    if budget_bytes < record:
+        raise ParameterError(
+            f"cache budget of {budget_bytes} bytes cannot hold one expert record "
+            f"({record} bytes); raise cache_gb to at least {gib_at_least(record)}"
+        )
+    needed = (experts_per_token or 1) * record
+    if budget_bytes < needed:
+        warnings.warn(
+            f"expert cache budget of {budget_bytes / MiB:.2f} MiB cannot hold one token's experts of a "
+            f"layer ({experts_per_token} experts x {record / MiB:.2f} MiB = {needed / MiB:.2f} MiB): "
+            "experts are evicted before they are used again and nearly every read misses; raise "
+            f"cache_gb to at least {gib_at_least(needed)}",
+            CacheBudgetWarning,
+            stacklevel=3,
+        )
 
 
 def _with_top_k(config: dict, k: int | None) -> dict:
     """Config overrides that set the number of experts per token (K) where the model reads it."""
     if k is None:
         return {}
-    if k < 1:
-        raise ValueError(f"experts_per_token must be >= 1, got {k}")
+    text = config.get("text_config", config)
+    num_experts = text.get("num_experts", text.get("num_local_experts"))
+    if num_experts is not None and k > num_experts:
+        raise ParameterError(f"experts_per_token is {k} but the model has {num_experts} experts per layer")
     if "text_config" in config:
         text = copy.deepcopy(config["text_config"])
         text["num_experts_per_tok"] = k
@@ -57,9 +154,21 @@ def _with_top_k(config: dict, k: int | None) -> dict:
 class FlashMoE:
     """A streaming-experts MoE engine. Create it with ``FlashMoE.load(store_dir, ...)``."""
 
-    def __init__(self, store: Path, model, tokenizer, config: dict, manifest: Manifest,
-                 streamer: ExpertStreamer, prefill_step_size: int, prompt_cache_entries: int):
+    def __init__(
+        self,
+        store: Path,
+        model,
+        tokenizer,
+        config: dict,
+        manifest: Manifest,
+        streamer: ExpertStreamer,
+        prefill_step_size: int,
+        prompt_cache_entries: int,
+        defaults: GenerationDefaults | None = None,
+    ):
         self.store = store
+        #: the store's generation defaults (its generation_config.json); a caller's values win.
+        self.defaults = defaults or GenerationDefaults()
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -99,13 +208,33 @@ class FlashMoE:
                 calibrated routing trace, see bench/RESULTS.md) or "lru".
             prefill_step_size: prompt tokens per layer-major prefill chunk.
             prompt_cache_entries: how many prompt-prefix snapshots to keep for reuse (0: none).
+
+        The store's ``generation_config.json`` gives the generation defaults (sampling, and
+        ``chat_template_kwargs`` such as ``{"enable_thinking": false}``; see
+        ``GenerationDefaults``). Raises ``StoreNotFoundError`` (a ``FileNotFoundError``) when there
+        is no store at ``store``, ``StoreError`` when it is damaged, ``ParameterError`` for a bad
+        option; warns (``CacheBudgetWarning``) when the cache cannot hold one token's experts.
         """
-        store = Path(store).expanduser()
+        check_load_options(
+            cache_gb,
+            experts_per_token,
+            io_threads,
+            page_cache,
+            verify,
+            policy,
+            prefill_step_size,
+            prompt_cache_entries,
+        )
+        store = find_store(store)
         manifest = read_manifest(store)
         config = read_config(store)
         check_store(store, manifest, config)
+        defaults = read_generation_defaults(store)
+        top_k = _with_top_k(config, experts_per_token)
+        budget = int(cache_gb * GB)
+        check_cache_budget(budget, manifest, experts_per_token or experts_per_token_of(config))
         install_fast_gated_delta()  # mlx-lm's fast GatedDeltaNet path is Metal-only
-        cache = ExpertCache(int(cache_gb * GB), policy=policy)
+        cache = ExpertCache(budget, policy=policy)
         reader = ExpertReader(store, manifest, ReaderConfig(io_threads, page_cache, verify))
         streamer = ExpertStreamer(manifest, reader, cache)
 
@@ -121,8 +250,9 @@ class FlashMoE:
             return StreamingModel, args_class
 
         try:
-            model, config = load_model(store, strict=True, get_model_classes=streaming_classes,
-                                       model_config=_with_top_k(config, experts_per_token))
+            model, config = load_model(
+                store, strict=True, get_model_classes=streaming_classes, model_config=top_k
+            )
         except (ValueError, KeyError) as e:
             if isinstance(e, StoreError):
                 raise
@@ -131,15 +261,43 @@ class FlashMoE:
             tokenizer = load_tokenizer(store)
         except Exception as e:
             raise StoreError(f"{store}: cannot load the tokenizer: {e}") from e
-        return cls(store, model, tokenizer, config, manifest, streamer, prefill_step_size,
-                   prompt_cache_entries)
+        return cls(
+            store,
+            model,
+            tokenizer,
+            config,
+            manifest,
+            streamer,
+            prefill_step_size,
+            prompt_cache_entries,
+            defaults,
+        )
 
     # -- generation ------------------------------------------------------------------------
 
-    def encode(self, prompt: Prompt, tools: Sequence[dict] | None = None,
-               enable_thinking: bool | None = None) -> list[int]:
-        """Token ids of a prompt (string, token ids, or chat messages)."""
-        return encode_prompt(self.tokenizer, prompt, tools=tools, enable_thinking=enable_thinking)
+    def encode(
+        self, prompt: Prompt, tools: Sequence[dict] | None = None, enable_thinking: bool | None = None
+    ) -> list[int]:
+        """Token ids of a prompt (string, token ids, or chat messages), as ``stream`` renders it:
+        with the store's chat template kwargs, ``enable_thinking`` overriding theirs."""
+        return self._encode(check_prompt(prompt, self.vocab_size), tools, enable_thinking)
+
+    def _encode(
+        self, prompt: Prompt, tools: Sequence[dict] | None, enable_thinking: bool | None
+    ) -> list[int]:
+        return encode_prompt(
+            self.tokenizer,
+            prompt,
+            tools=tools,
+            enable_thinking=enable_thinking,
+            template_kwargs=self.defaults.chat_template_kwargs,
+        )
+
+    def generation_params(self, **kwargs: Any) -> GenerationParams:
+        """The parameters a call with these keyword arguments runs with: the store's defaults,
+        overridden by ``kwargs``. Raises ``UnknownArgumentError`` (a ``TypeError``) or
+        ``ParameterError`` (a ``ValueError``): integrations call it to check their settings."""
+        return generation_params(self.defaults.params, kwargs)
 
     def stream(
         self,
@@ -156,6 +314,9 @@ class FlashMoE:
 
         Args:
             prompt: a string, token ids, or chat messages (rendered by the chat template).
+                A message is ``{"role": "system" | "user" | "assistant" | "tool", "content": ...}``
+                with string content or a list of ``{"type": "text", "text": ...}`` parts; an
+                assistant message may carry ``tool_calls`` and ``reasoning_content``.
             tools: OpenAI-style function specs, rendered into the prompt in the model's own
                 tool-call format.
             tool_choice: "auto" (default with tools; calls parsed when the model makes them),
@@ -166,40 +327,72 @@ class FlashMoE:
                 ``{"type": "json_object"}``, a regex, a list of choices (see ``structured``);
                 the result's ``parsed`` holds the object.
             **kwargs: ``GenerationParams`` (max_tokens, temperature, top_p, top_k, min_p,
-                repetition_penalty, seed, stop, logits_processors, enable_thinking). Constrained
-                output turns thinking off unless ``enable_thinking=True`` is passed.
+                repetition_penalty, seed, stop, logits_processors, enable_thinking); those not
+                given come from the store's defaults (``self.defaults``), then
+                ``GenerationParams``' own. ``max_tokens=None`` generates up to the end of the
+                context window. Constrained output turns thinking off unless
+                ``enable_thinking=True`` is passed.
 
-        Bad tools, tool choices and schemas raise ``ValueError`` here, at the call, before
-        anything is generated.
+        Everything is checked here, at the call, before anything is generated: a bad prompt
+        raises ``PromptError``, bad tools or tool choice ``ToolError``, a bad response format
+        ``ResponseFormatError``, a bad value ``ParameterError``, an unknown keyword
+        ``UnknownArgumentError`` (also a ``TypeError``), and a prompt plus ``max_tokens`` beyond
+        the context window ``ContextWindowError``: all ``InvalidRequestError``s, ``ValueError``s.
         """
-        params = _params(kwargs)
-        specs = normalize_tools(tools)
-        choice, _ = normalize_tool_choice(tool_choice, specs)
-        if params.enable_thinking is None and (response_format is not None
-                                               or choice in ("required", "named")):
+        params = self.generation_params(**kwargs)
+        check_bool("parallel_tool_calls", parallel_tool_calls)
+        prompt = check_prompt(prompt, self.vocab_size)
+        specs, choice = check_tools(tools, tool_choice)
+        if response_format is not None:
+            check_response_format(response_format)
+        if params.enable_thinking is None and (
+            response_format is not None or choice in ("required", "named")
+        ):
             params.enable_thinking = False
         rendered = [s.to_openai() for s in specs] if specs and choice != "none" else None
-        prompt_ids = self.encode(prompt, rendered, params.enable_thinking)
+        prompt_ids = self._encode(prompt, rendered, params.enable_thinking)
+        params.max_tokens = reply_budget(len(prompt_ids), params.max_tokens, self.context_window)
         in_think = prompt_in_think(self.tokenizer, prompt_ids)
-        plan = OutputPlan.build(self.tokenizer, tools=specs, tool_choice=tool_choice,
-                                parallel_tool_calls=parallel_tool_calls,
-                                response_format=response_format, in_think=in_think)
-        is_chat = not isinstance(prompt, str) and isinstance(prompt[0], dict)
-        boundaries = (message_boundaries(self.tokenizer, prompt, prompt_ids, rendered)
-                      if is_chat else [])
+        try:
+            plan = OutputPlan.build(
+                self.tokenizer,
+                tools=specs,
+                tool_choice=tool_choice,
+                parallel_tool_calls=parallel_tool_calls,
+                response_format=response_format,
+                in_think=in_think,
+            )
+        except InvalidRequestError:
+            raise
+        except ValueError as e:  # what only the combination shows (a format with forced calls)
+            raise InvalidRequestError(str(e)) from e
+        is_chat = bool(prompt) and isinstance(prompt[0], dict)
+        boundaries = message_boundaries(self.tokenizer, prompt, prompt_ids, rendered) if is_chat else []
         return self._run(prompt_ids, boundaries, params, plan, in_think)
 
-    def _run(self, prompt_ids: list[int], boundaries: list[int], params: GenerationParams,
-             plan: OutputPlan, in_think: bool) -> Iterator[Chunk | GenerationResult]:
+    def _run(
+        self,
+        prompt_ids: list[int],
+        boundaries: list[int],
+        params: GenerationParams,
+        plan: OutputPlan,
+        in_think: bool,
+    ) -> Iterator[Chunk | GenerationResult]:
         with self.lock, self.streamer.record_steps() as steps:
             before = self._counters()
             tic = time.perf_counter()
             cache, reused = self._prefill(prompt_ids, boundaries)
             prefill_seconds = time.perf_counter() - tic
-            tokens = TokenStream(self.model, self.tokenizer, prompt_ids[-1:], params,
-                                 self.prefill_step_size, prompt_cache=cache,
-                                 context_ids=prompt_ids[:-1],
-                                 extra_processors=plan.processors(params.max_tokens))
+            tokens = TokenStream(
+                self.model,
+                self.tokenizer,
+                prompt_ids[-1:],
+                params,
+                self.prefill_step_size,
+                prompt_cache=cache,
+                context_ids=prompt_ids[:-1],
+                extra_processors=plan.processors(params.max_tokens),
+            )
             markup = MarkupFilter(in_think, markup=plan.mode != "structured")
             for chunk in tokens:
                 for kind, text in markup.feed(chunk.text):
@@ -263,6 +456,11 @@ class FlashMoE:
         """The model's maximum positions (``max_position_embeddings``), if the config says."""
         return self.config.get("text_config", self.config).get("max_position_embeddings")
 
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of the model's embedding: token ids must be below it."""
+        return self.config.get("text_config", self.config).get("vocab_size")
+
     # -- statistics ------------------------------------------------------------------------
 
     def _counters(self) -> tuple[CacheCounters, StreamCounters]:
@@ -295,8 +493,15 @@ class FlashMoE:
         self.streamer.reader.close()
 
 
-def _params(kwargs: dict) -> GenerationParams:
-    unknown = set(kwargs) - _PARAM_NAMES
-    if unknown:
-        raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
-    return GenerationParams(**kwargs)
+def check_tools(tools: Any, tool_choice: Any = None) -> tuple[list[ToolSpec], str]:
+    """Validated tool specs and the tool-choice mode (``"none"``, ``"auto"``, ``"required"`` or
+    ``"named"``), as ``FlashMoE.stream`` checks them; any problem is a ``ToolError`` naming the
+    tool and what is wrong with it."""
+    try:
+        specs = normalize_tools(check_tools_argument(tools))
+        choice, _ = normalize_tool_choice(tool_choice, specs)
+    except ToolError:
+        raise
+    except ValueError as e:  # tool_specs' checks name the tool and the problem
+        raise ToolError(str(e)) from e
+    return specs, choice

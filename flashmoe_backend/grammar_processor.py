@@ -31,6 +31,11 @@ _CLOSING_BYTES = b'"}],:1@\n</>a0 '
 # close to the limit the finishing path may come before the model is held to tokens that keep it.
 _CLOSING_WINDOW = 96
 _CLOSING_MARGIN = 16
+# Before that window, every _PROBE_EVERY tokens within _PROBE_HORIZON of the limit, the length of
+# a way to finish is estimated, and the window widened to fit it: a long tail (required
+# parameters still to write, a string's minLength) must start steering early enough.
+_PROBE_HORIZON = 512
+_PROBE_EVERY = 32
 _CLOSING_CANDIDATES = 8
 # Bytes of finishing text looked at per token left (tokens hold ~3-4 bytes of such text).
 _BYTES_PER_TOKEN = 4
@@ -50,16 +55,23 @@ class ConstrainedLogitsProcessor:
     on the device with MLX ops from the 32x smaller bitmask otherwise -- and applied with
     ``mx.where`` (so NaN/inf logits of disallowed tokens cannot leak through).
 
-    With ``max_tokens``, from ``_CLOSING_WINDOW`` tokens before the limit it looks for a short
+    With ``max_tokens``, from ``_CLOSING_WINDOW`` tokens before the limit (earlier when a probe
+    finds the way to finish longer than that) it looks for a short
     way to finish (:meth:`finishing_path`); once that path nearly fills the tokens left, only
     tokens after which the structure can still finish in time stay allowed. A structure that no
     path can finish in time ends incomplete, and is reported so by :meth:`is_complete`.
     """
 
-    def __init__(self, matcher: Any, vocabulary: Vocabulary, *, max_tokens: int | None = None):
+    def __init__(self, matcher: Any, vocabulary: Vocabulary, *, max_tokens: int | None = None,
+                 guard: Any = None):
+        """``guard``: an object whose ``banned(text, vocabulary, matcher, allowed)`` names
+        tokens to take out of the grammar's mask
+        (:class:`~flashmoe_backend.unique_items.UniqueItemsGuard`)."""
         self.matcher = matcher
         self.vocabulary = vocabulary
         self.max_tokens = max_tokens
+        self.guard = guard
+        self._text = bytearray()  # what was generated, for the guard
         self._n_seen: int | None = None
         self._generated: list[int] = []
         self.eos_generated = False
@@ -67,6 +79,7 @@ class ConstrainedLogitsProcessor:
         self._words = np.zeros((vocabulary.size + 31) // 32, dtype=np.int32)
         self._biases: dict[tuple, mx.array] = {}
         self._plans: dict[int, list[int]] = {}  # token -> the way to finish after it
+        self._window = _CLOSING_WINDOW
         self._device_path: bool | None = None
 
     # -- state ----------------------------------------------------------------------------------
@@ -87,8 +100,10 @@ class ConstrainedLogitsProcessor:
     def reset(self) -> None:
         self.matcher.reset()
         self._plans = {}
+        self._window = _CLOSING_WINDOW
         self._n_seen = None
         self._generated = []
+        self._text = bytearray()
         self.eos_generated = False
 
     def allowed_token_ids(self) -> list[int]:
@@ -117,6 +132,7 @@ class ConstrainedLogitsProcessor:
                 f"token {token_id} ({self.vocabulary.token_bytes[token_id]!r}) is not allowed by "
                 f"the constraint here: was the mask bypassed? ({_first_line(self.matcher)})")
         self._generated.append(token_id)
+        self._text += self.vocabulary.token_bytes[token_id]
 
     def consume(self, token_ids: Iterable[int]) -> None:
         for t in token_ids:
@@ -152,6 +168,8 @@ class ConstrainedLogitsProcessor:
                 raise StructuredOutputError(f"cannot roll the constraint back by {k} tokens")
             if k:
                 del self._generated[-k:]
+                self._text = bytearray(self.vocabulary.decode_bytes(
+                    t for t in self._generated if t not in self._eos))
             self._n_seen = n
             return
         if n > self._n_seen:
@@ -161,14 +179,17 @@ class ConstrainedLogitsProcessor:
 
     # -- finishing in time ----------------------------------------------------------------------
 
-    def finishing_path(self, limit: int, matcher: Any = None) -> list[int] | None:
+    def finishing_path(self, limit: int, matcher: Any = None,
+                       text: bytes | None = None) -> list[int] | None:
         """A short token sequence (at most ``limit`` tokens) that completes the structure from
         the current state, or None if none is found. Not necessarily the shortest: the text is
         built byte by byte (forced bytes, else the first allowed of ``_CLOSING_BYTES``, else the
         lowest allowed byte), then written in the tokenizer's own tokens; the grammar checks
-        every step."""
+        every step, and the guard, if any, every byte (``text``: what ``matcher`` has read;
+        by default the text generated so far)."""
         start = matcher or self.matcher
-        data = self._finishing_bytes(start.deep_copy(), _BYTES_PER_TOKEN * limit)
+        text = bytes(self._text) if text is None else text
+        data = self._finishing_bytes(start.deep_copy(), _BYTES_PER_TOKEN * limit, text)
         if data is None:
             return None
         if not data:
@@ -182,7 +203,7 @@ class ConstrainedLogitsProcessor:
             ids = [bt[b] for b in data]
         return ids if len(ids) <= limit else None
 
-    def _finishing_bytes(self, m: Any, limit: int) -> bytes | None:
+    def _finishing_bytes(self, m: Any, limit: int, text: bytes) -> bytes | None:
         bt = self.vocabulary.byte_token_ids
         order = [b for b in _CLOSING_BYTES if b in bt] + [b for b in range(256)
                                                           if b in bt and b not in _CLOSING_BYTES]
@@ -198,6 +219,8 @@ class ConstrainedLogitsProcessor:
                 continue
             mask = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
             allowed = [b for b in order if mask[bt[b] >> 3] >> (bt[b] & 7) & 1]
+            if self.guard is not None:
+                allowed = self._unbanned_bytes(allowed, text + bytes(out), m)
             if not allowed:
                 return None
             # A byte chosen twice lately is tried after the others: inside free-form text
@@ -209,6 +232,15 @@ class ConstrainedLogitsProcessor:
             recent = (recent + bytes([pick]))[-8:]
         return bytes(out)
 
+    def _unbanned_bytes(self, allowed: list[int], text: bytes, m: Any) -> list[int]:
+        bt = self.vocabulary.byte_token_ids
+        banned = self.guard.banned(text, self.vocabulary, m,
+                                   lambda _limit: np.asarray([bt[b] for b in allowed]))
+        if banned is None or not banned.size:
+            return allowed
+        kept = [b for b in allowed if bt[b] not in set(banned.tolist())]
+        return kept or allowed
+
     def _finishing_mask(self, logits: mx.array, words: np.ndarray) -> np.ndarray | None:
         """The tokens that keep the structure finishable within the tokens left, when that
         starts to matter; None while the model is free. Each allowed token comes with its way
@@ -218,7 +250,13 @@ class ConstrainedLogitsProcessor:
             return None
         left = self.max_tokens - len(self._generated)  # including this step's token
         plans, self._plans = self._plans, {}
-        if left > _CLOSING_WINDOW or self.matcher.is_accepting():
+        if self.matcher.is_accepting():
+            return None
+        if left > self._window:
+            if left <= _PROBE_HORIZON and left % _PROBE_EVERY == 0:
+                probe = self.finishing_path(left)
+                if probe is not None:
+                    self._window = max(self._window, len(probe) + 2 * _CLOSING_MARGIN)
             return None
         path = plans.get(self._generated[-1]) if self._generated else None
         if path is None or len(path) > left:
@@ -233,7 +271,9 @@ class ConstrainedLogitsProcessor:
             if t in self._plans or t in self._eos:
                 continue
             trial = self.matcher.deep_copy()
-            rest = self.finishing_path(left - 1, trial) if trial.consume_token(t) else None
+            rest = (self.finishing_path(left - 1, trial,
+                                        bytes(self._text) + self.vocabulary.token_bytes[t])
+                    if trial.consume_token(t) else None)
             if rest is not None:
                 self._plans[t] = rest
         return np.asarray(sorted(self._plans))
@@ -250,6 +290,11 @@ class ConstrainedLogitsProcessor:
         self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
         if self.matcher.is_error():
             raise StructuredOutputError(f"the constraint failed: {_first_line(self.matcher)}")
+        if self.guard is not None:
+            banned = self.guard.banned(bytes(self._text), self.vocabulary, self.matcher,
+                                       lambda limit: _ids_up_to(words, limit))
+            if banned is not None and banned.size:
+                _clear_bits(words, banned)
         return words
 
     def allowed_mask(self, width: int) -> mx.array:
@@ -323,6 +368,23 @@ def _ids_from_words(words: np.ndarray) -> np.ndarray:
     bits = np.unpackbits(words[nz].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
     word, bit = np.nonzero(bits)
     return nz[word] * 32 + bit
+
+
+def _ids_up_to(words: np.ndarray, limit: int) -> np.ndarray | None:
+    """The allowed ids, or None when there are more than ``limit`` (counted, not expanded)."""
+    if int(np.bitwise_count(words.view(np.uint32)).sum()) > limit:
+        return None
+    return _ids_from_words(words)
+
+
+def _clear_bits(words: np.ndarray, ids: np.ndarray) -> None:
+    """Take ``ids`` out of a bitmask, unless that leaves nothing: a guard must never stall
+    the grammar (the output is then checked after generation, as without it)."""
+    w = words.view(np.uint32)
+    kept = w.copy()
+    np.bitwise_and.at(w, ids >> 5, ~(np.uint32(1) << (ids & 31).astype(np.uint32)))
+    if not w.any():
+        w[:] = kept
 
 
 def _scatter_allowed(logits: mx.array, ids: np.ndarray) -> mx.array:

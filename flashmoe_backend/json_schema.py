@@ -420,6 +420,16 @@ def json_grammar(schema: dict, *, whitespace: str | None = DEFAULT_WHITESPACE,
 _UNIMPLEMENTED = re.compile(r'Unimplemented keys: (\[.*?\])')
 
 
+def strict_check(schema: dict) -> tuple[tuple[str, ...], list[str]]:
+    """llguidance's verdict on the schema's strict grammar: ``(keywords it does not implement,
+    its messages)``; ``((), [])`` when the grammar is valid."""
+    from llguidance import LLMatcher
+
+    grammar = LLMatcher.grammar_from_lark("start: " + json_grammar(schema))
+    failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    return (unsupported_keywords(messages), messages) if failed else ((), [])
+
+
 def unsupported_keywords(messages: list[str]) -> tuple[str, ...]:
     """The keywords llguidance's messages say it does not implement."""
     found: list[str] = []

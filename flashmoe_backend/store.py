@@ -10,19 +10,30 @@ A store is a directory::
 
 One expert is one contiguous record (gate, up, down with their scales and biases), padded to
 ``ALIGNMENT`` so that one aligned ``preadv`` reads exactly one expert, also with O_DIRECT.
+
+Quantization is chosen per tensor and recorded the way mlx-lm's per-layer quantization config
+does: a layer's ``quantization`` holds the default ``{"group_size", "bits", "mode"}`` of its
+projections plus an override per projection that differs (``"down_proj": {...}``, or ``false``
+for one kept in float), and ``config.json``'s ``quantization`` holds the same per module path.
+A manifest with such overrides is format version 2; one without is version 1, which older
+flashmoe versions read too.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import zlib
+from collections import Counter
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 FORMAT_NAME = "flashmoe-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version written; see ``required_version``
+SUPPORTED_VERSIONS = (1, 2)
 ALIGNMENT = 4096
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
@@ -67,12 +78,28 @@ class LayerSpec:
     num_experts: int
     record_bytes: int  # aligned size of one record
     tensors: list[TensorSpec]
-    quantization: dict | None  # {"group_size", "bits", "mode"} or None for float experts
+    # {"group_size", "bits", "mode"} of the projections, plus per-projection overrides
+    # ({"down_proj": {...} or False}) as in mlx-lm's config; None when every projection is float.
+    quantization: dict | None
     checksums: list[int] = field(default_factory=list)  # crc32 of each whole record
 
     @property
     def file_bytes(self) -> int:
         return self.num_experts * self.record_bytes
+
+    @property
+    def projections(self) -> list[str]:
+        """The modules of a record (``gate_proj``, ``up_proj``, ``down_proj``, ...), in order."""
+        return [t.name.removesuffix(".weight") for t in self.tensors if t.name.endswith(".weight")]
+
+    def module_quantization(self, module: str) -> dict | None:
+        """``{"group_size", "bits", "mode"}`` of one projection, or None if it is kept in float."""
+        return module_quantization(self.quantization, module)
+
+    @property
+    def has_overrides(self) -> bool:
+        """Whether some projection is quantized unlike the layer's default."""
+        return any(isinstance(v, dict) or v is False for v in (self.quantization or {}).values())
 
 
 @dataclass
@@ -97,12 +124,13 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict, source: Path) -> Manifest:
         try:
-            if data.get("format") != FORMAT_NAME:
+            if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
                 raise StoreError(f"{source}: not a flashmoe store manifest")
-            if data.get("version") != FORMAT_VERSION:
+            if data.get("version") not in SUPPORTED_VERSIONS:
                 raise StoreError(
                     f"{source}: store format version {data.get('version')} is not supported "
-                    f"(this flashmoe reads version {FORMAT_VERSION}); re-pack the model"
+                    f"(this flashmoe reads versions {', '.join(map(str, SUPPORTED_VERSIONS))}); "
+                    f"re-pack the model"
                 )
             layers = [
                 LayerSpec(
@@ -119,14 +147,74 @@ class Manifest:
                 )
                 for layer in data["layers"]
             ]
+            for layer in layers:
+                _check_quantization_fields(source, layer)
             return cls(
                 model_type=data["model_type"],
                 layers=layers,
                 tokenizer_files=list(data["tokenizer_files"]),
                 alignment=int(data["alignment"]),
+                version=int(data["version"]),
             )
         except (KeyError, TypeError) as e:
             raise StoreError(f"{source}: malformed manifest, missing or bad field {e}") from e
+
+
+QUANT_KEYS = ("group_size", "bits", "mode")
+
+
+def module_quantization(quantization: dict | None, module: str) -> dict | None:
+    """One module's quantization from an mlx-lm style ``quantization`` dict (its own entry if it
+    has one, else the default); None if it is kept in float."""
+    if quantization is None:
+        return None
+    own = quantization.get(module, True)
+    if own is False:
+        return None
+    params = own if isinstance(own, dict) else quantization
+    if "group_size" not in params or "bits" not in params:
+        return None
+    return {"group_size": params["group_size"], "bits": params["bits"], "mode": params.get("mode", "affine")}
+
+
+def layer_quantization(per_module: dict[str, dict | None]) -> dict | None:
+    """The mlx-lm style ``quantization`` of a layer from each projection's own choice: the most
+    common choice is the default, the others are overrides (``False`` for a float projection)."""
+    chosen = [tuple(q[k] for k in QUANT_KEYS) for q in per_module.values() if q is not None]
+    if not chosen:
+        return None
+    default = dict(zip(QUANT_KEYS, Counter(chosen).most_common(1)[0][0], strict=True))
+    overrides = {
+        name: (dict(q) if q is not None else False)
+        for name, q in per_module.items()
+        if q is None or tuple(q[k] for k in QUANT_KEYS) != tuple(default.values())
+    }
+    return {**default, **overrides}
+
+
+def required_version(layers: Iterable[LayerSpec]) -> int:
+    """The oldest format version that describes these layers (2 only for per-tensor overrides)."""
+    return 2 if any(layer.has_overrides for layer in layers) else 1
+
+
+def _check_quantization_fields(source: Path, layer: LayerSpec) -> None:
+    q = layer.quantization
+    if q is None:
+        return
+    if not isinstance(q, dict):
+        raise StoreError(f"{source}: {layer.module}: quantization must be an object or null, got {q!r}")
+    for name in layer.projections:
+        own = q.get(name, True)
+        if own is False:
+            continue
+        params = own if own is not True else {k: q[k] for k in QUANT_KEYS if k in q}
+        if not isinstance(params, dict) or not all(
+            isinstance(params.get(k), int) for k in ("group_size", "bits")
+        ):
+            raise StoreError(
+                f"{source}: {layer.module}.{name}: malformed quantization {params!r} "
+                f"(needs integer group_size and bits)"
+            )
 
 
 def align(n: int, alignment: int = ALIGNMENT) -> int:
@@ -204,8 +292,10 @@ def check_store(store: Path, manifest: Manifest, config: dict) -> None:
                 f"{store / CONFIG} says num_experts={num_experts}"
             )
         if len(layer.checksums) != layer.num_experts:
-            raise StoreError(f"{store / MANIFEST}: {layer.module} lists {len(layer.checksums)} "
-                             f"checksums for {layer.num_experts} experts")
+            raise StoreError(
+                f"{store / MANIFEST}: {layer.module} lists {len(layer.checksums)} "
+                f"checksums for {layer.num_experts} experts"
+            )
         if layer.record_bytes % manifest.alignment:
             raise StoreError(f"{store / MANIFEST}: {layer.module} record size is not aligned")
         end = max(t.offset + t.nbytes for t in layer.tensors)
@@ -220,6 +310,37 @@ def check_store(store: Path, manifest: Manifest, config: dict) -> None:
                 f"({layer.num_experts} records of {layer.record_bytes}); truncated or wrong file"
             )
     _check_shapes(store, manifest, text)
+    for layer in manifest.layers:
+        _check_record_quantization(store, layer)
+
+
+def _check_record_quantization(store: Path, layer: LayerSpec) -> None:
+    """Each projection's tensors must be what its recorded quantization says they are, so that a
+    mis-recorded store is named here rather than failing deep inside the model's quantization."""
+    shapes = {t.name: t.shape for t in layer.tensors}
+    for name in layer.projections:
+        q = layer.module_quantization(name)
+        where = f"{store / MANIFEST}: {layer.module}.{name}"
+        if q is None:
+            if f"{name}.scales" in shapes:
+                raise StoreError(
+                    f"{where} has quantization scales but the manifest records it "
+                    f"as unquantized; re-pack the store"
+                )
+            continue
+        if f"{name}.scales" not in shapes:
+            raise StoreError(
+                f"{where} is stored unquantized (no {name}.scales) but the manifest says "
+                f"{describe_quantization(q)}; the store was packed with wrong per-tensor "
+                f"quantization (flashmoe before format version 2): re-pack it"
+            )
+        packed, groups = shapes[f"{name}.weight"][-1], shapes[f"{name}.scales"][-1]
+        if packed * 32 % q["bits"] or packed * 32 // q["bits"] != groups * q["group_size"]:
+            raise StoreError(
+                f"{where}: weight {list(shapes[f'{name}.weight'])} and scales "
+                f"{list(shapes[f'{name}.scales'])} do not match the recorded "
+                f"{describe_quantization(q)}; re-pack the store"
+            )
 
 
 def _check_shapes(store: Path, manifest: Manifest, text_config: dict) -> None:
@@ -279,3 +400,153 @@ def verify_store(store: Path, progress: bool = False) -> VerifyReport:
                     nbytes += layer.record_bytes
                     bar.update()
     return VerifyReport(records=count, bytes=nbytes, bad=bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization per tensor kind (for `flashmoe info` and pack's notices)
+# --------------------------------------------------------------------------------------------
+
+# Order of the kinds in a summary; kinds not listed follow in order of appearance.
+KIND_ORDER = ("experts", "attention", "shared expert", "router", "mlp", "embed", "lm_head")
+_PROJECTION_ORDER = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "U32": "uint32",
+    "U8": "uint8",
+    "I32": "int32",
+    "I64": "int64",
+}
+
+
+def tensor_kind(path: str, experts: Collection[str] = ()) -> tuple[str, str]:
+    """``(kind, member)`` of a module path, e.g. ``("attention", "q_proj")``, ``("router",
+    "gate")`` or, for a projection of one of the ``experts`` modules, ``("experts",
+    "down_proj")``. Layer indices are dropped so that every layer's module is one kind."""
+    parent, _, leaf = path.rpartition(".")
+    if parent in experts:
+        return "experts", leaf
+    parts = path.split(".")
+    inside = next((i + 2 for i, p in enumerate(parts[:-1]) if p == "layers" and parts[i + 1].isdigit()), None)
+    if inside is None:
+        return ("embed" if leaf in ("embed_tokens", "wte", "embed") else leaf), leaf
+    rest = parts[inside:]
+    block, member = rest[0], rest[-1]
+    if block.endswith(("attn", "attention")):
+        return "attention", member
+    if len(rest) >= 3 and rest[1] == "shared_expert":
+        return "shared expert", member
+    if len(rest) == 2 and (member in ("gate", "router") or member.endswith("_gate")):
+        return "router", member
+    if block in ("mlp", "block_sparse_moe", "feed_forward", "moe"):
+        return "mlp", member
+    return block, member
+
+
+def describe_quantization(params: dict | None, dtype: str = "float") -> str:
+    """``"4-bit g64"`` (plus the mode unless affine), or ``"unquantized <dtype>"``."""
+    if params is None:
+        return f"unquantized {dtype}"
+    mode = params.get("mode", "affine")
+    return f"{params['bits']}-bit g{params['group_size']}" + ("" if mode == "affine" else f" {mode}")
+
+
+def summarize_kinds(entries: Iterable[tuple[str, str, str]]) -> dict[str, str]:
+    """``(kind, member, description)`` per module -> ``{kind: text}``: the description alone when
+    a kind's members agree, else ``"gate/up: 4-bit g64, down: 4-bit g32"``."""
+    members: dict[str, dict[str, list[str]]] = {}
+    for kind, member, description in entries:
+        found = members.setdefault(kind, {}).setdefault(member, [])
+        if description not in found:
+            found.append(description)
+    order = {k: i for i, k in enumerate(KIND_ORDER)}
+    summary = {}
+    for kind in sorted(members, key=lambda k: order.get(k, len(order))):  # stable: appearance
+        by_text: dict[str, list[str]] = {}
+        # Files list tensors by name; show an MLP's projections in the order they compute.
+        ordered = sorted(members[kind].items(), key=lambda m: _PROJECTION_ORDER.get(m[0], 3))
+        for member, descriptions in ordered:
+            by_text.setdefault(" | ".join(descriptions), []).append(member.removesuffix("_proj"))
+        if len(by_text) == 1:
+            summary[kind] = next(iter(by_text))
+        else:
+            summary[kind] = ", ".join(f"{'/'.join(m)}: {text}" for text, m in by_text.items())
+    return summary
+
+
+def safetensors_header(path: Path) -> dict:
+    """The tensor table of a safetensors file (name -> dtype, shape, data_offsets), without
+    reading the data; raises ``StoreError`` naming the file if the header is malformed."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            size = path.stat().st_size
+            if length > size - 8:
+                raise StoreError(
+                    f"{path}: not a safetensors file (header of {length} bytes in a file of {size})"
+                )
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: not a readable safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise StoreError(f"{path}: not a safetensors file (its header is not a table)")
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - length
+    for name, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes
+        ):
+            raise StoreError(
+                f"{path}: tensor {name!r} has data offsets {offsets!r} outside the file's "
+                f"{data_bytes} data bytes; the file is truncated or corrupt"
+            )
+    return header
+
+
+def resident_quantization(header: dict, config: dict) -> dict[str, tuple[dict | None, str]]:
+    """Module path -> (quantization or None, float dtype) for the resident weights' matrices.
+
+    A module is quantized when it has ``scales`` (as mlx-lm's loader decides); its parameters are
+    its own entry in ``config["quantization"]``, else the default there. Float 2-D weights (linear
+    layers and embeddings) count as unquantized modules; norms and convolutions are left out.
+    """
+    q = config.get("quantization") if isinstance(config.get("quantization"), dict) else None
+    found = {}
+    for name, info in header.items():
+        if not name.endswith(".weight"):
+            continue
+        module = name.removesuffix(".weight")
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"), str(info.get("dtype")))
+        if f"{module}.scales" in header:
+            found[module] = (module_quantization(q, module), dtype)
+        elif len(info.get("shape", ())) == 2:
+            found[module] = (None, dtype)
+    return found
+
+
+def quantization_summary(store: Path, manifest: Manifest, config: dict) -> dict[str, str]:
+    """Quantization per tensor kind of a store, e.g. ``{"experts": "gate/up: 4-bit g64, down:
+    4-bit g32", "attention": "4-bit g64", "embed": "4-bit g64", ...}``."""
+    entries = []
+    for layer in manifest.layers:
+        dtypes = {t.name: t.dtype for t in layer.tensors}
+        for name in layer.projections:
+            q = layer.module_quantization(name)
+            entries.append(("experts", name, describe_quantization(q, dtypes[f"{name}.weight"])))
+    header = safetensors_header(store / RESIDENT)
+    for module, (q, dtype) in resident_quantization(header, config).items():
+        kind, member = tensor_kind(module)
+        entries.append((kind, member, describe_quantization(q, dtype)))
+    return summarize_kinds(entries)
+
+
+def summary_lines(summary: dict[str, str]) -> list[str]:
+    """``quantization_summary`` as text lines: ``"experts gate/up: 4-bit g64, down: 4-bit g32"``,
+    ``"attention: 4-bit g64"``."""
+    return [f"{kind} {text}" if ":" in text else f"{kind}: {text}" for kind, text in summary.items()]

@@ -51,8 +51,11 @@ class StreamCounters:
     layer_bytes_read: list[int] = field(default_factory=list)
 
     def count_layer(self, layer: int, hits: int, misses: int, nbytes: int) -> None:
-        for counts, value in ((self.layer_hits, hits), (self.layer_misses, misses),
-                              (self.layer_bytes_read, nbytes)):
+        for counts, value in (
+            (self.layer_hits, hits),
+            (self.layer_misses, misses),
+            (self.layer_bytes_read, nbytes),
+        ):
             counts.extend([0] * (layer + 1 - len(counts)))
             counts[layer] += value
 
@@ -227,11 +230,15 @@ def find_switch_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _quantize_template(template: nn.Module, spec: LayerSpec) -> None:
-    q = spec.quantization
-    if q is None:
+    """Quantize each projection of the template as the store recorded it (per tensor, like
+    mlx-lm's per-layer quantization config); float projections stay float."""
+    if spec.quantization is None:
         return
-    nn.quantize(template, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
-                class_predicate=lambda _, m: hasattr(m, "to_quantized"))
+
+    def predicate(path: str, module: nn.Module) -> dict | bool:
+        return hasattr(module, "to_quantized") and (spec.module_quantization(path) or False)
+
+    nn.quantize(template, class_predicate=predicate)
 
 
 def install_streaming(model: nn.Module, manifest: Manifest, streamer: ExpertStreamer) -> int:

@@ -30,9 +30,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ResponseFormatError
 from .grammar_processor import ConstrainedLogitsProcessor, IncompleteOutputError, StructuredOutputError
 from .json_schema import (
     DEFAULT_WHITESPACE,
+    UnsupportedSchemaError,
     check_schema,
     json_grammar,
     load_schema,
@@ -40,6 +42,7 @@ from .json_schema import (
 )
 from .json_validation import exact_loads, exact_validator
 from .lark import THINK_BLOCK_RULES, grammar_document, lark_literal, lark_regex
+from .unique_items import enforced_while_decoding, response_guard
 from .vocabulary import Vocabulary
 
 __all__ = [
@@ -63,6 +66,7 @@ class _Spec:
     schema: dict | None = None
     parser: Callable[[str], Any] | None = None
     description: str = ""
+    unique_items: bool = False  # uniqueItems left to the guard (unique_items.py)
 
 
 def _is_pydantic_model(obj: Any) -> bool:
@@ -95,9 +99,10 @@ def _json_parser(schema: dict, model: Any = None) -> Callable[[str], Any]:
 def _json_spec(schema: Any, whitespace: str | None, model: Any = None) -> _Spec:
     schema = load_schema(schema)
     check_schema(schema)
-    lark = "start: " + json_grammar(schema, whitespace=whitespace)
+    unique = enforced_while_decoding(schema)
+    lark = "start: " + json_grammar(schema, whitespace=whitespace, lenient=unique)
     return _Spec("json", lark, schema, _json_parser(schema, model),
-                 getattr(model, "__name__", None) or schema.get("title", "JSON"))
+                 getattr(model, "__name__", None) or schema.get("title", "JSON"), unique)
 
 
 def _choice_spec(values: Sequence[Any], mapping: dict[str, Any] | None = None) -> _Spec:
@@ -232,17 +237,28 @@ def _python_type_parser(ptype: Any) -> Callable[[str], Any]:
     return parse
 
 
-def check_response_format(response_format: Any,
-                          whitespace_pattern: str | None = DEFAULT_WHITESPACE) -> None:
-    """Refuse a bad response format now, without a tokenizer (the errors
-    :meth:`Constraint.from_response_format` would raise)."""
+class UnsupportedResponseFormatError(ResponseFormatError, UnsupportedSchemaError):
+    """A response format whose schema has a keyword the grammar cannot enforce: both the
+    engine's error type and the schema module's (with its ``keywords``)."""
+
+
+def check_response_format(response_format: Any, whitespace_pattern: str | None = DEFAULT_WHITESPACE) -> None:
+    """Refuse a bad response format now, without a tokenizer: raises
+    :class:`~flashmoe_backend.errors.ResponseFormatError` (a ``ValueError``) with the message
+    :meth:`Constraint.from_response_format` would give."""
     from llguidance import LLMatcher
 
-    spec = _normalize(response_format, whitespace_pattern)
-    failed, messages = LLMatcher.validate_grammar_with_warnings(
-        LLMatcher.grammar_from_lark(spec.lark))
-    if failed:
-        raise _grammar_error(spec.schema, spec.description, messages[0])
+    try:
+        spec = _normalize(response_format, whitespace_pattern)
+        failed, messages = LLMatcher.validate_grammar_with_warnings(LLMatcher.grammar_from_lark(spec.lark))
+        if failed:
+            raise _grammar_error(spec.schema, spec.description, messages[0])
+    except ResponseFormatError:
+        raise
+    except UnsupportedSchemaError as e:
+        raise UnsupportedResponseFormatError(str(e), e.keywords) from e
+    except ValueError as e:
+        raise ResponseFormatError(str(e)) from e
 
 
 def _grammar_error(schema: dict | None, description: str, message: str) -> ValueError:
@@ -272,8 +288,10 @@ class Constraint:
         schema: dict | None = None,
         parser: Callable[[str], Any] | None = None,
         description: str = "",
+        guard: Any = None,
     ):
-        """``grammar``: a Lark grammar, or a document from :func:`grammar_document`."""
+        """``grammar``: a Lark grammar, or a document from :func:`grammar_document`;
+        ``guard``: see :class:`ConstrainedLogitsProcessor`."""
         from llguidance import LLMatcher
 
         self.grammar = grammar
@@ -291,6 +309,7 @@ class Constraint:
         #: warnings of a grammar that compiled, e.g. keywords a lenient schema left unenforced.
         self.warnings = self._matcher.get_grammar_warnings()
         self._parser = parser
+        self.guard = guard
 
     @classmethod
     def from_response_format(
@@ -320,14 +339,15 @@ class Constraint:
         if reasoning_prefix:
             grammar = grammar_document(f'start: think_block "\\n"? @format\n{THINK_BLOCK_RULES}',
                                        format=spec.lark)
+        guard = response_guard(spec.schema, reasoning_prefix) if spec.unique_items else None
         return cls(grammar, tokenizer, kind=spec.kind, schema=spec.schema,
-                   parser=spec.parser, description=spec.description)
+                   parser=spec.parser, description=spec.description, guard=guard)
 
     def logits_processor(self, max_tokens: int | None = None) -> ConstrainedLogitsProcessor:
         """A fresh, stateful mlx-lm logits processor for one generation; with ``max_tokens`` it
         steers the last tokens so the structure closes in time."""
         return ConstrainedLogitsProcessor(self._matcher.deep_copy(), self.vocabulary,
-                                          max_tokens=max_tokens)
+                                          max_tokens=max_tokens, guard=self.guard)
 
     # -- checking and parsing -------------------------------------------------------------------
 

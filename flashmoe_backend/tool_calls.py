@@ -23,6 +23,7 @@ import jsonschema
 
 from .json_validation import exact_validator, exact_value
 from .structured import Constraint, StructuredOutputError
+from .tool_formats import FORMATS
 from .tool_formats.xml import scan_call, string_branches
 from .tool_grammar import tool_call_grammar
 from .tool_specs import (
@@ -38,6 +39,7 @@ from .tool_specs import (
     normalize_tool_choice,
     normalize_tools,
 )
+from .unique_items import UniqueItemsGuard, guarded_unique_arrays
 
 __all__ = [
     "TOOL_CALL_CLOSE",
@@ -84,7 +86,17 @@ def tool_call_constraint(
         return calls
 
     return Constraint(grammar, tokenizer, kind="tool_calls", parser=parse,
-                      description=f"{fmt} tool call")
+                      description=f"{fmt} tool call", guard=_unique_items_guard(specs, fmt))
+
+
+def _unique_items_guard(specs: list[ToolSpec], fmt: ToolFormat) -> UniqueItemsGuard | None:
+    """The guard that keeps ``uniqueItems`` arrays of scalars from repeating an item, when a
+    tool has one."""
+    if not any(guarded_unique_arrays(s.parameters)[0] for s in specs):
+        return None
+    by_name = {s.name: s for s in specs}
+    locate = FORMATS[fmt].open_json_value
+    return UniqueItemsGuard(lambda text: locate(text, by_name))
 
 
 @dataclass

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .json_schema import check_schema, json_grammar, keyword_paths, schema_error, unsupported_keywords
+from .json_schema import check_schema, json_grammar, keyword_paths, schema_error, strict_check
+from .unique_items import guarded_unique_arrays
 
 ToolFormat = Literal["xml", "hermes"]
 TOOL_FORMATS: tuple[str, ...] = ("xml", "hermes")
@@ -161,7 +162,8 @@ def _unenforced_keywords(params: dict) -> tuple[str, ...]:
 
     One argument's ``uniqueItems`` must not make an agent's whole tool list fail: such keywords
     are left out of the call grammar (llguidance's lenient mode) and checked after generation,
-    where a violation makes the call an ``InvalidToolCall``."""
+    where a violation makes the call an ``InvalidToolCall``. ``uniqueItems`` over scalar items
+    is enforced while decoding instead (unique_items.py), so it is not named."""
     from llguidance import LLMatcher
 
     check_schema(params)
@@ -169,14 +171,14 @@ def _unenforced_keywords(params: dict) -> tuple[str, ...]:
     if missing:
         raise ValueError(f"required parameter{'s' if len(missing) > 1 else ''} "
                          f"{', '.join(map(repr, missing))} not in 'properties'")
-    strict = LLMatcher.grammar_from_lark("start: " + json_grammar(params))
-    failed, messages = LLMatcher.validate_grammar_with_warnings(strict)
-    if not failed:
+    keys, messages = strict_check(params)
+    if not messages:
         return ()
-    keys = unsupported_keywords(messages)
     lenient = LLMatcher.grammar_from_lark("start: " + json_grammar(params, lenient=True))
     if not keys or LLMatcher.validate_grammar_with_warnings(lenient)[0]:
         raise schema_error(params, messages[0])
+    if "uniqueItems" in keys and not guarded_unique_arrays(params)[1]:
+        keys = tuple(k for k in keys if k != "uniqueItems")  # enforced while decoding
     return tuple(f"'{k}' at {', '.join(keyword_paths(params, k)) or '#'} is not enforced by the "
                  "grammar; calls are checked against it after generation" for k in keys)
 

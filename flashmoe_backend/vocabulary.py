@@ -7,12 +7,15 @@ BPE, ``▁``/``<0xNN>`` for sentencepiece) and builds, once per tokenizer, the
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+import numpy as np
 
 __all__ = ["Vocabulary"]
 
@@ -135,6 +138,7 @@ class Vocabulary:
                 self.byte_token_ids.setdefault(b[0], tid)
         self._encode = encode or self._greedy_encode
         self._llg: Any = None
+        self._sorted: tuple[list[bytes], np.ndarray] | None = None
         self._llg_lock = threading.Lock()
         h = hashlib.sha256(f"eos={self.eos_token_ids};special={sorted(self.special_ids)}".encode())
         for b in self.token_bytes:
@@ -229,6 +233,18 @@ class Vocabulary:
             else:
                 raise ValueError(f"byte {data[i]:#x} has no token in the vocabulary")
         return out
+
+    def ids_with_prefix(self, prefix: bytes) -> np.ndarray:
+        """Ids of the tokens whose bytes start with ``prefix`` (an index sorted by bytes, built
+        on first use)."""
+        if self._sorted is None:
+            order = sorted(range(self.size), key=self.token_bytes.__getitem__)
+            self._sorted = ([self.token_bytes[i] for i in order], np.asarray(order, np.int64))
+        keys, ids = self._sorted
+        lo = bisect.bisect_left(keys, prefix)
+        end = prefix.rstrip(b"\xff")
+        hi = len(keys) if not end else bisect.bisect_left(keys, end[:-1] + bytes([end[-1] + 1]))
+        return ids[lo:hi]
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         tb, n = self.token_bytes, self.size

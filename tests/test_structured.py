@@ -535,3 +535,43 @@ def test_listed_properties_close_the_object_unless_others_are_needed(tok):
     assert c.status('{"x": 1}') == "complete" and c.status('{"x": 1, "y": 2}') != "complete"
     for open_ in ({**listed, "required": ["x", "y"]}, {**listed, "additionalProperties": True}):
         assert Constraint.from_response_format(open_, tok).status('{"x": 1, "y": 2}') == "complete"
+
+
+@pytest.mark.parametrize("reasoning_prefix", [False, True])
+def test_unique_items_in_a_response_format_hold_against_a_model_that_repeats(reasoning_prefix, tok):
+    """A response schema whose only keyword llguidance cannot enforce is uniqueItems over scalars
+    compiles (no longer refused); the guard keeps a model that repeats itself unique."""
+
+    class Tags(BaseModel):
+        tags: list[Literal["a", "b", "c"]] = Field(min_length=2, json_schema_extra={"uniqueItems": True})
+        names: list[str] = Field(min_length=3, max_length=4, json_schema_extra={"uniqueItems": True})
+
+    c = Constraint.from_response_format(Tags, tok, reasoning_prefix=reasoning_prefix)
+    assert c.guard is not None
+    vocab = c.vocabulary
+    bias = np.zeros((1, vocab.size), np.float32)
+    # (a reasoning block is closed first: steering does not end open-ended reasoning)
+    for rank, piece in enumerate([b"</think>", b'"a"', b'"a', b"a", b'"', b","]):
+        bias[0, [i for i, b in enumerate(vocab.token_bytes) if b == piece]] = 20.0 - rank
+    proc = c.logits_processor(max_tokens=120)
+    ids = [vocab.eos_token_id]
+    for _ in range(120):
+        ids.append(int(mx.argmax(proc(mx.array(ids), mx.array(bias)), axis=-1).item()))
+        if ids[-1] in vocab.eos_token_ids:
+            break
+    else:
+        proc(mx.array(ids), mx.array(bias))  # take in the last token
+    text = vocab.decode_bytes([t for t in ids[1:] if t not in vocab.eos_token_ids]).decode()
+    assert proc.is_complete, text
+    if reasoning_prefix:
+        text = text.split("</think>", 1)[1]
+    value = Tags.model_validate_json(text)
+    assert len(set(value.tags)) == len(value.tags) >= 2
+    assert len(set(value.names)) == len(value.names) >= 3
+    jsonschema.validate(json.loads(text), Tags.model_json_schema())
+
+
+def test_unique_items_over_objects_stay_refused_in_a_response_format(tok):
+    schema = {"type": "array", "uniqueItems": True, "items": {"type": "object"}}
+    with pytest.raises(UnsupportedSchemaError, match="uniqueItems"):
+        Constraint.from_response_format(schema, tok)

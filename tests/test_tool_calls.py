@@ -117,22 +117,24 @@ def test_bad_tool_specs_raise(tools, needle):
 
 
 def test_unenforceable_keyword_is_reported_and_checked_after_generation(tiny_tokenizer_dir):
-    """One argument's uniqueItems does not fail the tool list: the grammar leaves it out, says
-    so, and the parsed call is checked against it."""
+    """One argument's uniqueItems over objects does not fail the tool list: the grammar leaves
+    it out, says so, and the parsed call is checked against it."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     tool = {"name": "tag", "parameters": {"type": "object", "required": ["tags"], "properties": {
-        "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}}
+        "tags": {"type": "array", "uniqueItems": True, "items": {
+            "type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"]}}}}}
     [spec] = normalize_tools([tool])
     assert spec.unenforced and "'uniqueItems' at #/properties/tags" in spec.unenforced[0]
     tok = load_tokenizer(tiny_tokenizer_dir("hermes"))
     with pytest.warns(UserWarning, match="uniqueItems"):
         c = tool_call_constraint([tool], "required", "hermes", tok)
-    twice = '<tool_call>\n{"name": "tag", "arguments": {"tags": ["a", "a"]}}\n</tool_call>'
+    twice = ('<tool_call>\n{"name": "tag", "arguments": {"tags": [{"k": "a"}, {"k": "a"}]}}'
+             '\n</tool_call>')
     assert c.status(twice) == "complete"
     _, calls, invalid = parse_tool_calls(twice, "hermes", [tool])
     assert not calls and "non-unique" in invalid[0].error
-    assert parse_tool_calls(twice.replace('"a"]', '"b"]'), "hermes", [tool])[1]
+    assert parse_tool_calls(twice.replace('"a"}]', '"b"}]'), "hermes", [tool])[1]
 
 
 def test_tool_choice():
@@ -560,3 +562,101 @@ def test_tool_specs_are_checked_once_per_distinct_tool():
     assert a is b
     [c] = normalize_tools([{**SEARCH, "description": "Another."}])
     assert c is not a and c.description == "Another."
+
+
+# ---------------------------------------------------------------------------------------------
+# uniqueItems, enforced while decoding
+# ---------------------------------------------------------------------------------------------
+
+_UNIQUE_CASES = [
+    {"type": "string", "maxLength": 8},  # a repeat of a string at its maxLength is a dead end
+    {"type": "string", "format": "email"},
+    {"type": "string", "pattern": "^[a-z]{1,3}$"},
+    {"enum": ["a", "b", "c"]},  # every value used: the array must close
+    {"type": "integer", "minimum": 1, "maximum": 4},
+    {"type": "integer", "minimum": 1, "maximum": 70},
+    {"type": "boolean"},
+]
+
+
+def _repeating_model(vocab: Vocabulary) -> np.ndarray:
+    """Logits of a model that wants to write the same item over and over: ``"a"``, ``1``,
+    ``true``, commas."""
+    bias = np.zeros((1, vocab.size), np.float32)
+    for rank, piece in enumerate([b'"a"', b'"a', b"a", b'"', b"1", b"true", b",", b", ",
+                                  b"user@x.io"]):
+        bias[0, [i for i, b in enumerate(vocab.token_bytes) if b == piece]] = 20.0 - rank
+    return bias
+
+
+def _drive(c, bias: np.ndarray, max_tokens: int = 160) -> str:
+    vocab = c.vocabulary
+    proc = c.logits_processor(max_tokens=max_tokens)
+    ids = [vocab.eos_token_id]  # stands for the prompt
+    for _ in range(max_tokens):
+        ids.append(int(mx.argmax(proc(mx.array(ids), mx.array(bias)), axis=-1).item()))
+        if ids[-1] in vocab.eos_token_ids:
+            break
+    else:
+        proc(mx.array(ids), mx.array(bias))  # take in the last token
+    assert proc.is_complete, vocab.decode_bytes(ids[1:])
+    return vocab.decode_bytes([t for t in ids[1:] if t not in vocab.eos_token_ids]).decode()
+
+
+@pytest.mark.parametrize("fmt", ["xml", "hermes"])
+@pytest.mark.parametrize("items", _UNIQUE_CASES, ids=json.dumps)
+def test_unique_items_hold_against_a_model_that_repeats(fmt, items, tiny_tokenizer_dir):
+    """uniqueItems over scalars is enforced while decoding (no longer named as unenforced): a
+    model that keeps writing the same item gets a valid call, with the array closing once
+    a finite set of values is used up."""
+    import warnings
+
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    schema = {"type": "array", "items": items, "uniqueItems": True, "minItems": 2, "maxItems": 6}
+    if items.get("type") == "boolean":
+        schema["minItems"] = 1
+    tool = _one_param(schema)
+    assert normalize_tools([tool])[0].unenforced == ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not enforced" warning
+        c = tool_call_constraint([tool], "required", fmt,
+                                 load_tokenizer(tiny_tokenizer_dir(fmt)), parallel=False)
+    assert c.guard is not None
+    text = _drive(c, _repeating_model(c.vocabulary))
+    _, calls, invalid = parse_tool_calls(text, fmt, [tool])
+    assert not invalid and len(calls) == 1, text
+    jsonschema.validate(calls[0].arguments, tool["parameters"])
+
+
+def test_unique_items_nested_in_objects_and_nullable(tiny_tokenizer_dir):
+    """The guard follows the schema into nested objects, $refs and Optional (anyOf null)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    params = {"type": "object", "required": ["filter"], "$defs": {"Tags": {
+        "type": "array", "items": {"enum": ["x", "y"]}, "uniqueItems": True, "minItems": 2}},
+        "properties": {"filter": {"type": "object", "required": ["tags", "ids"], "properties": {
+            "tags": {"$ref": "#/$defs/Tags"},
+            "ids": {"anyOf": [{"type": "array", "items": {"type": "integer", "minimum": 0},
+                               "uniqueItems": True, "minItems": 3}, {"type": "null"}]}}}}}
+    tool = {"name": "t", "parameters": params}
+    c = tool_call_constraint([tool], "required", "hermes",
+                             load_tokenizer(tiny_tokenizer_dir("hermes")), parallel=False)
+    text = _drive(c, _repeating_model(c.vocabulary))
+    _, calls, invalid = parse_tool_calls(text, "hermes", [tool])
+    assert not invalid and len(calls) == 1, text
+    jsonschema.validate(calls[0].arguments, params)
+
+
+@pytest.mark.parametrize("value,repeated", [
+    ('["a", "\\u0061"]', True), ("[1, 1.0]", True), ("[1, 10]", False), ('["a", "a "]', False),
+    ('[true, false, true]', True), ('[[1], [1]]', False),  # arrays of arrays: checked later
+])
+def test_json_cursor_compares_items_by_value(value, repeated):
+    from flashmoe_backend.unique_items import JsonCursor
+
+    items = {"type": "array"} if value.startswith("[[") else {
+        "type": ["string", "number", "boolean"]}
+    cursor = JsonCursor({"type": "array", "items": items, "uniqueItems": True}, {})
+    assert cursor.feed(value.encode()) is not repeated
+    assert cursor.repeated is repeated

@@ -86,12 +86,12 @@ def dequantize_experts(store: Path, dtype: mx.Dtype) -> dict[str, mx.array]:
             block = np.ascontiguousarray(raw[:, t.offset : t.offset + t.nbytes])
             arr = mx.array(block.view(carrier).reshape(layer.num_experts, *t.shape))
             tensors[t.name] = arr.view(mx.bfloat16) if t.dtype == "bfloat16" else arr
-        q = layer.quantization
         for proj in sorted({name.split(".")[0] for name in tensors}):
             w = tensors[f"{proj}.weight"]
+            q = layer.module_quantization(proj)  # projections may differ (per-tensor fallback)
             if q is not None and f"{proj}.scales" in tensors:
                 w = _dequantize(w, tensors[f"{proj}.scales"], tensors.get(f"{proj}.biases"),
-                                q["group_size"], q["bits"], q.get("mode", "affine"), dtype)
+                                q["group_size"], q["bits"], q["mode"], dtype)
             out[f"{layer.module}.{proj}.weight"] = w.astype(dtype)
     return out
 

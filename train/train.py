@@ -322,6 +322,8 @@ def save_checkpoint(model, tok_dir: Path, out_dir: Path, dtype: str = "float16")
         "eos_token_id": model.config.eos_token_id,
         "pad_token_id": model.config.pad_token_id,
         "do_sample": False,
+        # read by flashmoe at load: the demo model was never trained to think
+        "chat_template_kwargs": {"enable_thinking": False},
     }
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
     return out_dir

@@ -1,7 +1,9 @@
 """Tool-call formats, one a module, each a grammar for one call of a tool.
 
 Every format module has ``call_rules(tool, rule) -> str``: Lark rules, the first named ``rule``,
-for the text of one call *after* its ``<tool_call>`` opener up to and including ``</tool_call>``.
+for the text of one call *after* its ``<tool_call>`` opener up to and including ``</tool_call>``,
+and ``open_json_value(text, tools)``: where the JSON value being written in a reply starts (its
+schema, the root schema and the offset), which the ``uniqueItems`` guard follows.
 ``tool_grammar.py`` puts them together for ``tool_choice`` and parallel calls;
 ``tool_calls.py`` parses both formats back.
 """

@@ -23,7 +23,7 @@ from ..json_schema import DEFAULT_WHITESPACE, json_grammar
 from ..lark import lark_literal, lark_regex
 from ..tool_specs import XML_CLOSERS, ToolSpec
 
-__all__ = ["FORMAT_REGEXES", "call_rules", "scan_call", "string_branches"]
+__all__ = ["FORMAT_REGEXES", "call_rules", "open_json_value", "scan_call", "string_branches"]
 
 _IPV4_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _HOST_LABEL = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?"
@@ -208,3 +208,28 @@ def scan_call(text: str, start: int, tools: dict[str, ToolSpec]) -> tuple[str, d
             value_end = close - 1 if close > value_start and text[close - 1] == "\n" else close
         raw[pname] = text[value_start:value_end]
         pos = close + len(_PARAMETER_CLOSE)
+
+
+_FUNCTION_OPEN_BYTES = re.compile(rb"<function=([^>\n]+)>\n")
+_PARAMETER_OPEN_BYTES = re.compile(rb"<parameter=([^>\n]+)>\n")
+
+
+def open_json_value(text: bytes, tools: dict[str, ToolSpec]) -> tuple[dict, dict, int] | None:
+    """Where the JSON-valued parameter being written starts in ``text`` (the reply so far):
+    ``(its schema, the tool's parameters, offset)``, or None when the reply is not inside one.
+    Raw string values have no JSON to follow."""
+    call = text.rfind(b"<tool_call>")
+    if call < 0:
+        return None
+    at = text.rfind(b"<function=", call)
+    fn = _FUNCTION_OPEN_BYTES.match(text, at) if at >= 0 else None
+    if fn is None or (spec := tools.get(fn.group(1).decode(errors="replace").strip())) is None:
+        return None
+    at = text.rfind(b"<parameter=", fn.end())
+    p = _PARAMETER_OPEN_BYTES.match(text, at) if at >= 0 else None
+    if p is None:
+        return None
+    prop = spec.parameters.get("properties", {}).get(p.group(1).decode(errors="replace").strip())
+    if not isinstance(prop, dict) or string_branches(prop, spec.parameters) is not None:
+        return None
+    return prop, spec.parameters, p.end()

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flashmoe_backend import Chunk, FlashMoE, GenerationResult
+from flashmoe_backend.engine import check_tools, find_store
+from flashmoe_backend.structured import check_response_format
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
@@ -42,8 +44,7 @@ from langchain_core.runnables import Runnable, RunnableGenerator, RunnableMap, R
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, Field, PrivateAttr, model_validator
-from typing_extensions import Self
+from pydantic import BaseModel, Field, PrivateAttr
 
 PROVIDER = "flashmoe"
 
@@ -53,11 +54,23 @@ PROVIDER = "flashmoe"
 _IGNORED_KWARGS = ("strict", "stream", "ls_structured_output_format")
 # Content blocks of an assistant message that are carried elsewhere (tool calls, reasoning).
 _NON_TEXT_ASSISTANT_BLOCKS = {
-    "tool_use", "tool_call", "tool_call_chunk", "invalid_tool_call", "function_call",
-    "reasoning", "thinking", "redacted_thinking",
+    "tool_use",
+    "tool_call",
+    "tool_call_chunk",
+    "invalid_tool_call",
+    "function_call",
+    "reasoning",
+    "thinking",
+    "redacted_thinking",
 }
 _GENERATION_FIELDS = (
-    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "seed",
     "enable_thinking",
 )
 
@@ -69,24 +82,24 @@ _ENGINES: dict[tuple, FlashMoE] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def get_engine(store: str | Path, cache_gb: float = 4.0, experts_per_token: int | None = None,
-               **load_options: Any) -> FlashMoE:
+def get_engine(
+    store: str | Path, cache_gb: float = 4.0, experts_per_token: int | None = None, **load_options: Any
+) -> FlashMoE:
     """The shared engine of ``store`` with these load options, loaded on first use.
 
     ``load_options`` are ``FlashMoE.load``'s keyword arguments (io_threads, page_cache, verify,
-    policy, prefill_step_size, prompt_cache_entries).
+    policy, prefill_step_size, prompt_cache_entries). The engine's errors come through unchanged:
+    ``StoreNotFoundError`` (a ``FileNotFoundError``) for a path without a store, ``ParameterError``
+    for a bad option.
     """
-    path = Path(store).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"no FlashMoE store at {str(store)!r}: expected a directory made by 'flashmoe pack'"
-        )
+    path = find_store(store)
     key = (str(path.resolve()), float(cache_gb), experts_per_token, tuple(sorted(load_options.items())))
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            engine = FlashMoE.load(path, cache_gb=cache_gb, experts_per_token=experts_per_token,
-                                   **load_options)
+            engine = FlashMoE.load(
+                path, cache_gb=cache_gb, experts_per_token=experts_per_token, **load_options
+            )
             _ENGINES[key] = engine
     return engine
 
@@ -106,21 +119,23 @@ def release_engines() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _text(content: str | list, *, assistant: bool = False) -> str:
-    """The text of a message's content; non-text blocks are refused (the engine takes text only)."""
+def _content(content: str | list, *, assistant: bool = False) -> str | list:
+    """A message's content as the engine's: a string, or a list of content parts (text blocks as
+    ``{"type": "text", "text": ...}``; other blocks are passed on for the engine to refuse). An
+    assistant's tool-call and reasoning blocks are left out: they travel as ``tool_calls`` and
+    ``reasoning_content``."""
     if isinstance(content, str):
         return content
-    parts: list[str] = []
+    parts: list = []
     for block in content:
+        kind = block.get("type") if isinstance(block, dict) else None
         if isinstance(block, str):
-            parts.append(block)
-            continue
-        kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-        if kind == "text":
-            parts.append(block.get("text") or "")
+            parts.append({"type": "text", "text": block})
+        elif kind == "text":
+            parts.append({"type": "text", "text": block.get("text") or ""})
         elif not (assistant and kind in _NON_TEXT_ASSISTANT_BLOCKS):
-            raise ValueError(f"ChatFlashMoE takes text only; cannot send a {kind!r} content block")
-    return "".join(parts)
+            parts.append(block)
+    return parts
 
 
 def _reasoning(message: AIMessage) -> str | None:
@@ -128,14 +143,17 @@ def _reasoning(message: AIMessage) -> str | None:
     if reasoning:
         return reasoning
     if isinstance(message.content, list):
-        parts = [b.get("reasoning") or "" for b in message.content
-                 if isinstance(b, dict) and b.get("type") == "reasoning"]
+        parts = [
+            b.get("reasoning") or ""
+            for b in message.content
+            if isinstance(b, dict) and b.get("type") == "reasoning"
+        ]
         return "".join(parts) or None
     return None
 
 
 def _assistant_message(message: AIMessage) -> dict:
-    out: dict[str, Any] = {"role": "assistant", "content": _text(message.content, assistant=True)}
+    out: dict[str, Any] = {"role": "assistant", "content": _content(message.content, assistant=True)}
     calls = [
         {"id": tc["id"], "type": "function", "function": {"name": tc["name"], "arguments": tc["args"]}}
         for tc in message.tool_calls
@@ -143,8 +161,11 @@ def _assistant_message(message: AIMessage) -> dict:
     # A malformed call of an earlier turn is shown as the model wrote it, so that the tool
     # message answering it (typically an error) still has its call.
     calls += [
-        {"id": tc["id"], "type": "function",
-         "function": {"name": tc["name"] or "", "arguments": tc["args"] or "{}"}}
+        {
+            "id": tc["id"],
+            "type": "function",
+            "function": {"name": tc["name"] or "", "arguments": tc["args"] or "{}"},
+        }
         for tc in message.invalid_tool_calls
     ]
     if calls:
@@ -156,25 +177,24 @@ def _assistant_message(message: AIMessage) -> dict:
 
 
 def convert_messages(messages: Sequence[BaseMessage]) -> list[dict]:
-    """LangChain messages as the engine's OpenAI-style chat messages."""
+    """LangChain messages as the engine's OpenAI-style chat messages (one per message, in order,
+    so the engine's errors name the caller's message index)."""
     out: list[dict] = []
     for m in messages:
         if isinstance(m, SystemMessage):
-            out.append({"role": "system", "content": _text(m.content)})
+            out.append({"role": "system", "content": _content(m.content)})
         elif isinstance(m, HumanMessage):
-            out.append({"role": "user", "content": _text(m.content)})
+            out.append({"role": "user", "content": _content(m.content)})
         elif isinstance(m, AIMessage):
             out.append(_assistant_message(m))
         elif isinstance(m, ToolMessage):
-            msg = {"role": "tool", "content": _text(m.content), "tool_call_id": m.tool_call_id}
+            msg = {"role": "tool", "content": _content(m.content), "tool_call_id": m.tool_call_id}
             if m.name:
                 msg["name"] = m.name
             out.append(msg)
-        elif isinstance(m, ChatMessage):
+        elif isinstance(m, ChatMessage):  # the engine refuses a role it does not know
             role = {"human": "user", "ai": "assistant"}.get(m.role, m.role)
-            if role not in ("system", "user", "assistant"):
-                raise ValueError(f"unsupported chat message role {m.role!r}")
-            out.append({"role": role, "content": _text(m.content, assistant=role == "assistant")})
+            out.append({"role": role, "content": _content(m.content, assistant=role == "assistant")})
         else:
             raise TypeError(f"ChatFlashMoE cannot send a {type(m).__name__}")
     return out
@@ -194,18 +214,14 @@ def _engine_response_format(response_format: Any) -> Any:
     if response_format is None:
         return None
     if isinstance(response_format, dict):
-        kind = response_format.get("type")
-        if kind == "text":
-            return None
-        if kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
-            schema = response_format["json_schema"].get("schema")
-            if not isinstance(schema, dict):
-                raise ValueError("response_format json_schema has no 'schema' object")
-            return schema
-        return response_format  # {"type": "json_object"} or a JSON schema
+        # {"type": "text"} is OpenAI's free text; json_schema / json_object dicts and JSON
+        # schemas are the engine's to read (and to refuse).
+        return None if response_format.get("type") == "text" else response_format
     if _is_pydantic_class(response_format) and issubclass(response_format, BaseModel):
         return response_format  # the engine parses into the model
-    return convert_to_json_schema(response_format)  # TypedDict, Pydantic v1 model, ...
+    if isinstance(response_format, type):
+        return convert_to_json_schema(response_format)  # TypedDict, Pydantic v1 model, ...
+    return response_format  # anything else: the engine says whether it is a format
 
 
 def _engine_tool_choice(tool_choice: Any) -> Any:
@@ -217,24 +233,24 @@ def _engine_tool_choice(tool_choice: Any) -> Any:
 
 
 def _check_tools(tools: list[dict], tool_choice: Any) -> None:
-    """Refuse bad tools and tool choices when they are bound rather than when first called.
+    """Refuse bad tools and tool choices when they are bound rather than when first called, with
+    the engine's checks (``ToolError``).
 
     Tools are checked one by one: a repeated name is left to the engine, which refuses it when the
     tools are used (LangChain expects binding the same schema twice to succeed).
     """
-    from flashmoe_backend.tool_calls import normalize_tool_choice, normalize_tools
-
-    specs = [spec for t in tools for spec in normalize_tools([t])]
+    specs = {spec.name: spec for t in tools for spec in check_tools([t])[0]}
     if tool_choice is not None:
-        normalize_tool_choice(tool_choice, specs)
+        check_tools(list(specs.values()), tool_choice)
 
 
 def _usage(result: GenerationResult) -> UsageMetadata:
     stats = result.stats
     input_tokens = len(result.prompt_token_ids) or stats.prompt_tokens
     output_tokens = len(result.token_ids)
-    usage = UsageMetadata(input_tokens=input_tokens, output_tokens=output_tokens,
-                          total_tokens=input_tokens + output_tokens)
+    usage = UsageMetadata(
+        input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens
+    )
     if stats.prompt_cached_tokens:
         usage["input_token_details"] = {"cache_read": stats.prompt_cached_tokens}
     return usage
@@ -251,8 +267,10 @@ def _metadata(model: str, result: GenerationResult) -> dict:
 
 def _calls(result: GenerationResult) -> tuple[list, list]:
     calls = [tool_call(name=c.name, args=c.arguments, id=c.id) for c in result.tool_calls]
-    invalid = [invalid_tool_call(name=c.name, args=c.arguments, id=c.id, error=c.error)
-               for c in result.invalid_tool_calls]
+    invalid = [
+        invalid_tool_call(name=c.name, args=c.arguments, id=c.id, error=c.error)
+        for c in result.invalid_tool_calls
+    ]
     return calls, invalid
 
 
@@ -287,10 +305,14 @@ def _last_chunk(model: str, result: GenerationResult, streamed_reasoning: bool) 
     """The closing chunk: tool calls, usage and metadata, once per response (and the reasoning,
     when it was not streamed)."""
     calls, invalid = _calls(result)
-    chunks = [tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
-              for i, c in enumerate(calls)]
-    chunks += [tool_call_chunk(name=c["name"], args=c["args"], id=c["id"], index=len(calls) + i)
-               for i, c in enumerate(invalid)]
+    chunks = [
+        tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
+        for i, c in enumerate(calls)
+    ]
+    chunks += [
+        tool_call_chunk(name=c["name"], args=c["args"], id=c["id"], index=len(calls) + i)
+        for i, c in enumerate(invalid)
+    ]
     return AIMessageChunk(
         content="",
         tool_call_chunks=chunks,
@@ -362,9 +384,10 @@ class ChatFlashMoE(BaseChatModel):
     """Further ``FlashMoE.load`` options (io_threads, page_cache, verify, policy, ...)."""
 
     temperature: float | None = None
-    """Sampling temperature (``None``: the engine's default, greedy)."""
+    """Sampling temperature (``None``: the store's default, from its generation_config.json;
+    greedy if it has none)."""
     max_tokens: int | None = None
-    """Most tokens to generate (``None``: the engine's default)."""
+    """Most tokens to generate (``None``: the store's default, else 256)."""
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
@@ -373,8 +396,8 @@ class ChatFlashMoE(BaseChatModel):
     stop: list[str] | None = None
     """Stop strings: generation ends before them and they never appear in the output."""
     enable_thinking: bool | None = None
-    """Passed to the chat template: ``False`` skips the model's reasoning, ``None`` keeps its
-    default."""
+    """Passed to the chat template: ``False`` skips the model's reasoning, ``None`` keeps the
+    store's default (its generation_config.json), else the template's."""
     streaming: bool = False
     """Whether ``invoke`` streams internally (so that callbacks see each token)."""
 
@@ -382,17 +405,28 @@ class ChatFlashMoE(BaseChatModel):
 
     # -- engine ------------------------------------------------------------------------------
 
-    @model_validator(mode="after")
-    def _load_engine(self) -> Self:
-        self._get_engine()
-        return self
+    def __init__(self, **kwargs: Any) -> None:
+        """Load (or reuse) the store's engine and check the generation settings with it.
+
+        Done after pydantic's validation, not in a validator, so that the engine's errors reach
+        the caller as they are (pydantic would wrap a ``ValueError`` in its ``ValidationError``):
+        ``StoreNotFoundError`` for a path without a store, ``ParameterError`` for a bad value.
+        """
+        super().__init__(**kwargs)
+        self._get_engine().generation_params(**self._settings())
+
+    def _settings(self) -> dict[str, Any]:
+        """This model's generation settings that are set, as the engine's keyword arguments."""
+        params = {f: getattr(self, f) for f in _GENERATION_FIELDS if getattr(self, f) is not None}
+        if self.stop:
+            params["stop"] = list(self.stop)
+        return params
 
     def _get_engine(self, model: str | None = None) -> FlashMoE:
         if model is not None and model != self.model:
             return get_engine(model, self.cache_gb, self.experts_per_token, **self.load_options)
         if self._engine is None:
-            self._engine = get_engine(self.model, self.cache_gb, self.experts_per_token,
-                                      **self.load_options)
+            self._engine = get_engine(self.model, self.cache_gb, self.experts_per_token, **self.load_options)
         return self._engine
 
     @property
@@ -436,8 +470,12 @@ class ChatFlashMoE(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        params = {"model": self.model, "cache_gb": self.cache_gb,
-                  "experts_per_token": self.experts_per_token, **self.load_options}
+        params = {
+            "model": self.model,
+            "cache_gb": self.cache_gb,
+            "experts_per_token": self.experts_per_token,
+            **self.load_options,
+        }
         params.update({f: getattr(self, f) for f in _GENERATION_FIELDS})
         params["stop"] = self.stop
         return params
@@ -463,10 +501,10 @@ class ChatFlashMoE(BaseChatModel):
         """(engine, model name, engine keyword arguments) of one call."""
         kwargs = {k: v for k, v in kwargs.items() if k not in _IGNORED_KWARGS and v is not None}
         model = kwargs.pop("model", None) or self.model
-        params = {f: getattr(self, f) for f in _GENERATION_FIELDS if getattr(self, f) is not None}
-        stops = stop if stop is not None else kwargs.pop("stop", self.stop)
-        if stops:
-            params["stop"] = list(stops)
+        params = self._settings()
+        stops = stop if stop is not None else kwargs.pop("stop", None)
+        if stops is not None:
+            params["stop"] = stops
         if not kwargs.get("tools"):
             kwargs.pop("tools", None)
         if "tool_choice" in kwargs:
@@ -489,8 +527,9 @@ class ChatFlashMoE(BaseChatModel):
     ) -> ChatResult:
         engine, model, params = self._request(stop, kwargs)
         result = engine.generate(convert_messages(messages), **params)
-        return ChatResult(generations=[ChatGeneration(message=_message(model, result))],
-                          llm_output={"model_name": model})
+        return ChatResult(
+            generations=[ChatGeneration(message=_message(model, result))], llm_output={"model_name": model}
+        )
 
     def _stream(
         self,
@@ -526,8 +565,9 @@ class ChatFlashMoE(BaseChatModel):
                 result = item
         if result is None:  # pragma: no cover - the engine always ends with a result
             raise RuntimeError("generation ended without a result")
-        return ChatResult(generations=[ChatGeneration(message=_message(model, result))],
-                          llm_output={"model_name": model})
+        return ChatResult(
+            generations=[ChatGeneration(message=_message(model, result))], llm_output={"model_name": model}
+        )
 
     async def _astream(
         self,
@@ -614,15 +654,16 @@ class ChatFlashMoE(BaseChatModel):
                 if schema is None:
                     raise ValueError("method='json_schema' needs a schema")
                 response_format = _engine_response_format(schema)
-                from flashmoe_backend.structured import check_response_format
-
-                check_response_format(response_format)  # refuse a bad schema now
+                check_response_format(response_format)  # refuse a bad schema now, as the engine would
             else:
                 response_format = {"type": "json_object"}
                 ls_format["kwargs"] = {"method": method}
             llm = self.bind(response_format=response_format, ls_structured_output_format=ls_format)
-            parser = (PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
-                      if is_pydantic else JsonOutputParser())
+            parser = (
+                PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+                if is_pydantic
+                else JsonOutputParser()
+            )
         else:
             raise ValueError(
                 f"unknown method {method!r}; expected 'json_schema', 'function_calling' or 'json_mode'"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from flashmoe_backend.errors import StoreNotFoundError
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -24,8 +25,9 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def llm(tiny_store: Path, cache_gb: float) -> ChatFlashMoE:
-    return ChatFlashMoE(model=str(tiny_store), cache_gb=cache_gb, max_tokens=MAX_TOKENS,
-                        enable_thinking=False)
+    return ChatFlashMoE(
+        model=str(tiny_store), cache_gb=cache_gb, max_tokens=MAX_TOKENS, enable_thinking=False
+    )
 
 
 def _render(llm: ChatFlashMoE, messages, **kw) -> str:
@@ -55,14 +57,22 @@ HISTORY = [
 def test_convert_messages_shapes() -> None:
     out = convert_messages(HISTORY)
     assert [m["role"] for m in out] == ["system", "user", "assistant", "tool", "assistant", "user"]
-    assert out[2]["tool_calls"] == [{
-        "id": "call_1", "type": "function",
-        "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
-    }]
+    assert out[2]["tool_calls"] == [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+        }
+    ]
     assert out[2]["reasoning_content"] == "I need the tool."
-    assert out[3] == {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_1",
-                      "name": "get_weather"}
-    assert out[5]["content"] == "Thanks! And Lyon?"
+    assert out[3] == {
+        "role": "tool",
+        "content": '{"temp": 21}',
+        "tool_call_id": "call_1",
+        "name": "get_weather",
+    }
+    # Text blocks travel as content parts; the engine joins them (see the rendering test below).
+    assert out[5]["content"] == [{"type": "text", "text": "Thanks! "}, {"type": "text", "text": "And Lyon?"}]
 
 
 def test_history_renders_through_the_template(llm: ChatFlashMoE) -> None:
@@ -71,19 +81,21 @@ def test_history_renders_through_the_template(llm: ChatFlashMoE) -> None:
     assert "<|im_start|>user\nWeather in Paris?<|im_end|>" in text
     assert "<think>\nI need the tool.\n</think>" in text
     assert "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>" in text
-    assert "<tool_response>\n{\"temp\": 21}\n</tool_response>" in text
+    assert '<tool_response>\n{"temp": 21}\n</tool_response>' in text
     assert "<|im_start|>assistant\nParis: 21 C.<|im_end|>" in text
     assert text.endswith("<|im_start|>user\nThanks! And Lyon?<|im_end|>\n<|im_start|>assistant\n<think>\n")
 
 
 def test_anthropic_style_assistant_content_keeps_text_only() -> None:
     msg = AIMessage(
-        [{"type": "text", "text": "some text"},
-         {"type": "tool_use", "id": "abc", "name": "add", "input": {"a": 1}}],
+        [
+            {"type": "text", "text": "some text"},
+            {"type": "tool_use", "id": "abc", "name": "add", "input": {"a": 1}},
+        ],
         tool_calls=[{"name": "add", "args": {"a": 1}, "id": "abc", "type": "tool_call"}],
     )
     (out,) = convert_messages([msg])
-    assert out["content"] == "some text"
+    assert out["content"] == [{"type": "text", "text": "some text"}]
     assert out["tool_calls"][0]["function"] == {"name": "add", "arguments": {"a": 1}}
 
 
@@ -251,7 +263,7 @@ async def test_astream_events(llm: ChatFlashMoE) -> None:
 
 
 def test_unknown_store_path(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no FlashMoE store"):
+    with pytest.raises(StoreNotFoundError, match="no such store directory"):
         ChatFlashMoE(model=str(tmp_path / "missing"))
 
 
@@ -289,13 +301,25 @@ def test_reasoning_goes_to_additional_kwargs(llm: ChatFlashMoE) -> None:
 
 def test_request_translation(llm: ChatFlashMoE, tiny_store_copy: Path) -> None:
     openai_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
-    engine, model, params = llm._request(None, {
-        "tools": [], "tool_choice": True, "strict": True, "stream": True, "temperature": None,
-        "response_format": openai_format,
-    })
+    engine, model, params = llm._request(
+        None,
+        {
+            "tools": [],
+            "tool_choice": True,
+            "strict": True,
+            "stream": True,
+            "temperature": None,
+            "response_format": openai_format,
+        },
+    )
     assert engine is llm.engine and model == llm.model
-    assert params == {"max_tokens": MAX_TOKENS, "enable_thinking": False, "tool_choice": "required",
-                      "response_format": {"type": "object"}}
+    # OpenAI's json_schema wrapper is the engine's to read (and refuse), like every other format.
+    assert params == {
+        "max_tokens": MAX_TOKENS,
+        "enable_thinking": False,
+        "tool_choice": "required",
+        "response_format": openai_format,
+    }
     _, _, params = llm._request(["a"], {"tool_choice": False, "response_format": {"type": "text"}})
     assert params["stop"] == ["a"] and params["tool_choice"] == "auto"
     assert "response_format" not in params
@@ -307,11 +331,15 @@ def _result(**kw):
     from flashmoe_backend import GenerationResult, Stats
     from flashmoe_backend.tool_calls import InvalidToolCall, ToolCall
 
-    base = dict(text="", token_ids=[1, 2], finish_reason="tool_calls",
-                stats=Stats(prompt_tokens=3, generated_tokens=2), prompt_token_ids=[5, 6, 7],
-                tool_calls=[ToolCall("add", {"a": 1}, id="call_a")],
-                invalid_tool_calls=[InvalidToolCall("add", "<parameter=a>\nx", "a: not an integer",
-                                                    id="call_b")])
+    base = dict(
+        text="",
+        token_ids=[1, 2],
+        finish_reason="tool_calls",
+        stats=Stats(prompt_tokens=3, generated_tokens=2),
+        prompt_token_ids=[5, 6, 7],
+        tool_calls=[ToolCall("add", {"a": 1}, id="call_a")],
+        invalid_tool_calls=[InvalidToolCall("add", "<parameter=a>\nx", "a: not an integer", id="call_b")],
+    )
     return GenerationResult(**{**base, **kw})
 
 
@@ -320,8 +348,15 @@ def test_result_translation_tool_calls() -> None:
 
     message = _message("m", _result())
     assert message.tool_calls == [{"name": "add", "args": {"a": 1}, "id": "call_a", "type": "tool_call"}]
-    assert message.invalid_tool_calls == [{"name": "add", "args": "<parameter=a>\nx", "id": "call_b",
-                                           "error": "a: not an integer", "type": "invalid_tool_call"}]
+    assert message.invalid_tool_calls == [
+        {
+            "name": "add",
+            "args": "<parameter=a>\nx",
+            "id": "call_b",
+            "error": "a: not an integer",
+            "type": "invalid_tool_call",
+        }
+    ]
     assert message.usage_metadata == {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}
     chunk = AIMessageChunk(content="") + _last_chunk("m", _result(), streamed_reasoning=False)
     assert chunk.tool_calls == message.tool_calls

@@ -44,7 +44,7 @@ from llama_index.core.base.llms.types import (
     VideoBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
-from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW, DEFAULT_NUM_OUTPUTS, DEFAULT_TEMPERATURE
+from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW, DEFAULT_NUM_OUTPUTS
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.llm import (
     LLMStructuredPredictEndEvent,
@@ -58,6 +58,7 @@ from llama_index.core.types import Model, PydanticProgramMode
 
 from flashmoe_backend import Chunk, GenerationResult
 from flashmoe_backend import FlashMoE as Engine
+from flashmoe_backend.engine import find_store
 
 if TYPE_CHECKING:
     from llama_index.core.program.utils import FlexibleModel
@@ -73,27 +74,29 @@ _ENGINES: dict[tuple, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def _engine_key(model: str | Path, cache_gb: float, experts_per_token: int | None,
-                load_kwargs: dict[str, Any]) -> tuple:
-    path = str(Path(model).expanduser().resolve())
-    return (path, float(cache_gb), experts_per_token, tuple(sorted(load_kwargs.items())))
+def _engine_key(
+    path: Path, cache_gb: float, experts_per_token: int | None, load_kwargs: dict[str, Any]
+) -> tuple:
+    return (str(path.resolve()), float(cache_gb), experts_per_token, tuple(sorted(load_kwargs.items())))
 
 
-def load_engine(model: str | Path, cache_gb: float = 4.0, experts_per_token: int | None = None,
-                **load_kwargs: Any) -> Engine:
+def load_engine(
+    model: str | Path, cache_gb: float = 4.0, experts_per_token: int | None = None, **load_kwargs: Any
+) -> Engine:
     """The engine of a store, loaded once per (store path, load options) and shared.
 
     ``load_kwargs`` are the other keyword arguments of ``flashmoe_backend.FlashMoE.load``
     (``io_threads``, ``page_cache``, ``verify``, ``policy``, ``prefill_step_size``,
-    ``prompt_cache_entries``). Raises ``flashmoe_backend.StoreError`` (a ``ValueError``) when the
-    path is not a flashmoe store.
+    ``prompt_cache_entries``). The engine's errors come through unchanged:
+    ``StoreNotFoundError`` (a ``FileNotFoundError`` and a ``StoreError``) for a path without a
+    store, ``ParameterError`` for a bad option.
     """
-    key = _engine_key(model, cache_gb, experts_per_token, load_kwargs)
+    path = find_store(model)
+    key = _engine_key(path, cache_gb, experts_per_token, load_kwargs)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            engine = Engine.load(Path(model).expanduser(), cache_gb=cache_gb,
-                                 experts_per_token=experts_per_token, **load_kwargs)
+            engine = Engine.load(path, cache_gb=cache_gb, experts_per_token=experts_per_token, **load_kwargs)
             _ENGINES[key] = engine
         return engine
 
@@ -155,7 +158,8 @@ def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict]:
     Text blocks become ``content``, ``ThinkingBlock``s ``reasoning_content``, ``ToolCallBlock``s
     (or legacy ``additional_kwargs['tool_calls']``) ``tool_calls``; tool results carry
     ``tool_call_id`` and the tool's ``name`` (looked up from the call when not given). Images,
-    audio, video and documents raise ``ValueError``: the engine takes text only.
+    audio, video and documents become content parts of their type, which the engine refuses
+    (``PromptError``: it takes text only).
     """
     out: list[dict] = []
     call_names: dict[str, str] = {}
@@ -164,6 +168,7 @@ def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict]:
         if role is None:  # pragma: no cover - every MessageRole is mapped
             raise ValueError(f"message #{i}: unsupported role {message.role!r}")
         texts: list[str] = []
+        media: list[dict] = []
         thinking: list[str] = []
         calls: list[dict] = []
         for block in message.blocks:
@@ -173,22 +178,26 @@ def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict]:
                 if block.content:
                     thinking.append(block.content)
             elif isinstance(block, ToolCallBlock):
-                calls.append({
-                    "id": block.tool_call_id or block.tool_name,
-                    "type": "function",
-                    "function": {"name": block.tool_name,
-                                 "arguments": _arguments_dict(block.tool_kwargs)},
-                })
-            elif isinstance(block, _MEDIA_BLOCKS):
-                raise ValueError(
-                    f"message #{i} holds a {type(block).__name__}: FlashMoE models take text "
-                    "only"
+                calls.append(
+                    {
+                        "id": block.tool_call_id or block.tool_name,
+                        "type": "function",
+                        "function": {
+                            "name": block.tool_name,
+                            "arguments": _arguments_dict(block.tool_kwargs),
+                        },
+                    }
                 )
+            elif isinstance(block, _MEDIA_BLOCKS):
+                media.append({"type": block.block_type})
             elif isinstance(block, CachePoint):
                 continue
         if not calls and message.additional_kwargs.get("tool_calls"):
             calls = [_legacy_tool_call(c) for c in message.additional_kwargs["tool_calls"]]
-        entry: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
+        content: str | list[dict] = "\n".join(texts)
+        if media:  # the engine names the part it cannot take
+            content = [{"type": "text", "text": content}, *media]
+        entry: dict[str, Any] = {"role": role, "content": content}
         if role == "assistant":
             if thinking:
                 entry["reasoning_content"] = "\n".join(thinking)
@@ -223,8 +232,7 @@ def to_engine_tool(tool: Any) -> dict:
 def _usage(result: GenerationResult) -> dict[str, int]:
     prompt = result.stats.prompt_tokens or len(result.prompt_token_ids)
     completion = result.stats.generated_tokens or len(result.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _raw(result: GenerationResult, model: str) -> dict[str, Any]:
@@ -241,13 +249,17 @@ def _raw(result: GenerationResult, model: str) -> dict[str, Any]:
 
 
 def _tool_call_blocks(result: GenerationResult) -> list[ToolCallBlock]:
-    return [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=dict(c.arguments))
-            for c in result.tool_calls]
+    return [
+        ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=dict(c.arguments))
+        for c in result.tool_calls
+    ]
 
 
 def _invalid_tool_calls(result: GenerationResult) -> list[dict]:
-    return [{"id": c.id, "name": c.name, "arguments": c.arguments, "error": c.error}
-            for c in result.invalid_tool_calls]
+    return [
+        {"id": c.id, "name": c.name, "arguments": c.arguments, "error": c.error}
+        for c in result.invalid_tool_calls
+    ]
 
 
 def _message(result: GenerationResult) -> ChatMessage:
@@ -274,8 +286,7 @@ def _completion_response(result: GenerationResult, model: str) -> CompletionResp
         additional["thinking"] = result.reasoning
     if result.tool_calls:
         additional["tool_calls"] = [b.model_dump() for b in _tool_call_blocks(result)]
-    return CompletionResponse(text=result.text, raw=_raw(result, model),
-                              additional_kwargs=additional)
+    return CompletionResponse(text=result.text, raw=_raw(result, model), additional_kwargs=additional)
 
 
 class _Accumulator:
@@ -314,8 +325,12 @@ class _Accumulator:
         delta, extra = self._feed(item)
         blocks: list[Any] = [ThinkingBlock(content=self.reasoning)] if self.reasoning else []
         blocks.append(TextBlock(text=self.content))
-        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks),
-                            delta=delta, raw=self._raw(item), additional_kwargs=extra)
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks),
+            delta=delta,
+            raw=self._raw(item),
+            additional_kwargs=extra,
+        )
 
     def completion(self, item: Chunk | GenerationResult) -> CompletionResponse:
         if isinstance(item, GenerationResult):
@@ -324,8 +339,9 @@ class _Accumulator:
             response.additional_kwargs.update(self._final_extra(item))
             return response
         delta, extra = self._feed(item)
-        return CompletionResponse(text=self.content, delta=delta, raw=self._raw(item),
-                                  additional_kwargs=extra)
+        return CompletionResponse(
+            text=self.content, delta=delta, raw=self._raw(item), additional_kwargs=extra
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,10 +379,12 @@ class FlashMoE(FunctionCallingLLM):
         ```
     """
 
+    # Values are checked by the engine (FlashMoE.load, FlashMoE.generation_params), not by pydantic
+    # constraints here, so that both integrations raise the engine's errors for the same mistakes.
     model: str = Field(description="Path of the flashmoe store directory (made by `flashmoe pack`).")
-    cache_gb: float = Field(default=4.0, gt=0, description="Byte budget of the expert cache, in GiB.")
+    cache_gb: float = Field(default=4.0, description="Byte budget of the expert cache, in GiB.")
     experts_per_token: int | None = Field(
-        default=None, ge=1,
+        default=None,
         description="Override the model's number of experts per token (None: the model's own).",
     )
     load_kwargs: dict[str, Any] = Field(
@@ -374,23 +392,26 @@ class FlashMoE(FunctionCallingLLM):
         description="Other keyword arguments of flashmoe_backend.FlashMoE.load (io_threads, "
         "page_cache, verify, policy, prefill_step_size, prompt_cache_entries).",
     )
-    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0.0,
-                               description="Sampling temperature (0: greedy).")
-    max_tokens: int = Field(default=DEFAULT_NUM_OUTPUTS, ge=1,
-                            description="Most tokens to generate per call.")
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling.")
-    top_k: int | None = Field(default=None, ge=0, description="Top-k sampling (0: off).")
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="Min-p sampling.")
+    temperature: float | None = Field(
+        default=None, description="Sampling temperature (0: greedy; None: the store's default)."
+    )
+    max_tokens: int | None = Field(
+        default=None, description="Most tokens to generate per call (None: the store's default)."
+    )
+    top_p: float | None = Field(default=None, description="Nucleus sampling.")
+    top_k: int | None = Field(default=None, description="Top-k sampling (0: off).")
+    min_p: float | None = Field(default=None, description="Min-p sampling.")
     repetition_penalty: float | None = Field(default=None, description="Repetition penalty.")
     seed: int | None = Field(default=None, description="Random seed of each generation.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
     enable_thinking: bool | None = Field(
         default=None,
-        description="Let a reasoning model think first (None: the chat template's default). The "
-        "reasoning comes back as a ThinkingBlock.",
+        description="Let a reasoning model think first (None: the store's default, else the chat "
+        "template's). The reasoning comes back as a ThinkingBlock.",
     )
     context_window: int | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="Context window in tokens (None: the model config's max_position_embeddings).",
     )
     is_function_calling_model: bool = Field(
@@ -404,17 +425,21 @@ class FlashMoE(FunctionCallingLLM):
 
     _shared: _Shared = PrivateAttr()
 
-    def __init__(self, model: str | Path | None = None, *, engine: Engine | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, model: str | Path | None = None, *, engine: Engine | None = None, **kwargs: Any
+    ) -> None:
         """Load (or reuse) the engine of ``model``; or wrap an already loaded ``engine``."""
         if model is None:
             if engine is None:
                 raise ValueError("FlashMoE needs `model` (a flashmoe store directory) or `engine`")
             model = engine.store
         super().__init__(model=str(model), **kwargs)
-        self._shared = _Shared(engine if engine is not None else load_engine(
-            self.model, self.cache_gb, self.experts_per_token, **self.load_kwargs
-        ))
+        self._shared = _Shared(
+            engine
+            if engine is not None
+            else load_engine(self.model, self.cache_gb, self.experts_per_token, **self.load_kwargs)
+        )
+        self.engine.generation_params(**self._settings())  # the engine's checks, now
 
     @classmethod
     def class_name(cls) -> str:
@@ -436,7 +461,7 @@ class FlashMoE(FunctionCallingLLM):
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
             context_window=self.context_window or self._model_context_window(),
-            num_output=self.max_tokens,
+            num_output=self.max_tokens or self.engine.generation_params().max_tokens or DEFAULT_NUM_OUTPUTS,
             is_chat_model=True,
             is_function_calling_model=self.is_function_calling_model,
             model_name=self.model,
@@ -452,16 +477,30 @@ class FlashMoE(FunctionCallingLLM):
 
     # -- generation arguments ----------------------------------------------------------------
 
-    def _generation_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The engine's keyword arguments: this LLM's settings, then ``additional_kwargs``, then
-        the call's own (unknown ones are left for the engine to reject)."""
-        out: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": self.temperature}
-        for name in ("top_p", "top_k", "min_p", "repetition_penalty", "seed", "enable_thinking"):
+    def _settings(self) -> dict[str, Any]:
+        """This LLM's generation settings that are set (the others are the store's defaults)."""
+        out: dict[str, Any] = {}
+        for name in (
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "seed",
+            "enable_thinking",
+        ):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
         if self.stop:
             out["stop"] = list(self.stop)
+        return out
+
+    def _generation_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The engine's keyword arguments: this LLM's settings, then ``additional_kwargs``, then
+        the call's own (unknown ones are left for the engine to reject)."""
+        out = self._settings()
         out.update(self.additional_kwargs)
         kwargs = dict(kwargs)
         extra_stop = kwargs.pop("stop", None)
@@ -551,8 +590,7 @@ class FlashMoE(FunctionCallingLLM):
         return _completion_response(result, self.model)
 
     @llm_completion_callback()
-    def stream_complete(self, prompt: str, formatted: bool = False,
-                        **kwargs: Any) -> CompletionResponseGen:
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         engine_prompt = self._completion_prompt(prompt, formatted)
 
         def gen() -> CompletionResponseGen:
@@ -563,14 +601,14 @@ class FlashMoE(FunctionCallingLLM):
         return gen()
 
     @llm_completion_callback()
-    async def acomplete(self, prompt: str, formatted: bool = False,
-                        **kwargs: Any) -> CompletionResponse:
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         result = await self._agenerate(self._completion_prompt(prompt, formatted), kwargs)
         return _completion_response(result, self.model)
 
     @llm_completion_callback()
-    async def astream_complete(self, prompt: str, formatted: bool = False,
-                               **kwargs: Any) -> CompletionResponseAsyncGen:
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
         engine_prompt = self._completion_prompt(prompt, formatted)
 
         async def gen() -> CompletionResponseAsyncGen:
@@ -608,14 +646,14 @@ class FlashMoE(FunctionCallingLLM):
         if user_msg is not None:
             messages.append(user_msg)
         prepared: dict[str, Any] = {"messages": messages, **kwargs}
+        if tool_choice is None and tool_required:
+            tool_choice = "required"
         if tools:
             prepared["tools"] = [to_engine_tool(t) for t in tools]
-            if tool_choice is None:
-                tool_choice = "required" if tool_required else "auto"
-            prepared["tool_choice"] = tool_choice
+            prepared["tool_choice"] = tool_choice or "auto"
             prepared["parallel_tool_calls"] = allow_parallel_tool_calls
-        elif tool_required:
-            raise ValueError("tool_required=True needs at least one tool")
+        elif tool_choice is not None:  # the engine refuses a forced call without tools (ToolError)
+            prepared["tool_choice"] = tool_choice
         return prepared
 
     def _validate_chat_with_tools_response(
@@ -649,17 +687,24 @@ class FlashMoE(FunctionCallingLLM):
         ``[]`` (or raise with ``error_on_no_tool_call=True``).
         """
         selections = [
-            ToolSelection(tool_id=b.tool_call_id or b.tool_name, tool_name=b.tool_name,
-                          tool_kwargs=_arguments_dict(b.tool_kwargs))
-            for b in response.message.blocks if isinstance(b, ToolCallBlock)
+            ToolSelection(
+                tool_id=b.tool_call_id or b.tool_name,
+                tool_name=b.tool_name,
+                tool_kwargs=_arguments_dict(b.tool_kwargs),
+            )
+            for b in response.message.blocks
+            if isinstance(b, ToolCallBlock)
         ]
         if not selections and response.message.additional_kwargs.get("tool_calls"):
             for call in response.message.additional_kwargs["tool_calls"]:
                 call = _legacy_tool_call(call)
-                selections.append(ToolSelection(
-                    tool_id=call["id"], tool_name=call["function"]["name"],
-                    tool_kwargs=call["function"]["arguments"],
-                ))
+                selections.append(
+                    ToolSelection(
+                        tool_id=call["id"],
+                        tool_name=call["function"]["name"],
+                        tool_kwargs=call["function"]["arguments"],
+                    )
+                )
         if not selections and error_on_no_tool_call:
             invalid = response.message.additional_kwargs.get("invalid_tool_calls")
             detail = f"; invalid tool calls: {invalid}" if invalid else ""
@@ -702,8 +747,9 @@ class FlashMoE(FunctionCallingLLM):
         programs."""
         if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
             return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
-        dispatcher.event(LLMStructuredPredictStartEvent(
-            output_cls=output_cls, template=prompt, template_args=prompt_args))
+        dispatcher.event(
+            LLMStructuredPredictStartEvent(output_cls=output_cls, template=prompt, template_args=prompt_args)
+        )
         messages = self._structured_messages(prompt, prompt_args)
         response = self.chat(messages, response_format=output_cls, **(llm_kwargs or {}))
         result = self._parsed(output_cls, response)
@@ -721,8 +767,9 @@ class FlashMoE(FunctionCallingLLM):
         """Async :meth:`structured_predict`."""
         if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
             return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
-        dispatcher.event(LLMStructuredPredictStartEvent(
-            output_cls=output_cls, template=prompt, template_args=prompt_args))
+        dispatcher.event(
+            LLMStructuredPredictStartEvent(output_cls=output_cls, template=prompt, template_args=prompt_args)
+        )
         messages = self._structured_messages(prompt, prompt_args)
         response = await self.achat(messages, response_format=output_cls, **(llm_kwargs or {}))
         result = self._parsed(output_cls, response)
@@ -730,12 +777,12 @@ class FlashMoE(FunctionCallingLLM):
         return result
 
     @staticmethod
-    def _partial(output_cls: type[Model], response: ChatResponse,
-                 current: Any) -> Model | FlexibleModel:
+    def _partial(output_cls: type[Model], response: ChatResponse, current: Any) -> Model | FlexibleModel:
         from llama_index.core.program.utils import process_streaming_objects
 
-        return process_streaming_objects(response, output_cls, cur_objects=[current] if current
-                                         else None, flexible_mode=True)
+        return process_streaming_objects(
+            response, output_cls, cur_objects=[current] if current else None, flexible_mode=True
+        )
 
     def _structured_stream_call(
         self,
@@ -771,14 +818,12 @@ class FlashMoE(FunctionCallingLLM):
     ) -> AsyncGenerator[Model | FlexibleModel, None]:
         """Async :meth:`_structured_stream_call`."""
         if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
-            return await super()._structured_astream_call(output_cls, prompt, llm_kwargs,
-                                                          **prompt_args)
+            return await super()._structured_astream_call(output_cls, prompt, llm_kwargs, **prompt_args)
         messages = self._structured_messages(prompt, prompt_args)
 
         async def gen() -> AsyncGenerator[Model | FlexibleModel, None]:
             current = None
-            stream = await self.astream_chat(messages, response_format=output_cls,
-                                             **(llm_kwargs or {}))
+            stream = await self.astream_chat(messages, response_format=output_cls, **(llm_kwargs or {}))
             async for response in stream:
                 if response.raw and "usage" in response.raw:
                     yield self._parsed(output_cls, response)
