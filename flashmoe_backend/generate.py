@@ -75,6 +75,10 @@ class GenerationParams:
 
 
 PARAM_NAMES: frozenset[str] = frozenset(f.name for f in fields(GenerationParams))
+#: The parameters a front end keeps as settings of its model object (``stop`` and the logits
+#: processors travel with each call).
+SETTING_NAMES: tuple[str, ...] = ("max_tokens", "temperature", "top_p", "top_k", "min_p",
+                                  "repetition_penalty", "seed", "enable_thinking")
 
 
 def generation_params(defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> GenerationParams:

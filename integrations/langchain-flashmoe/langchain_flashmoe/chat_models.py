@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from flashmoe_backend import Chunk, FlashMoE, GenerationResult
 from flashmoe_backend.engine import check_tools, find_store
+from flashmoe_backend.generate import SETTING_NAMES
 from flashmoe_backend.structured import check_response_format
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.exceptions import OutputParserException
@@ -63,16 +64,6 @@ _NON_TEXT_ASSISTANT_BLOCKS = {
     "thinking",
     "redacted_thinking",
 }
-_GENERATION_FIELDS = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "seed",
-    "enable_thinking",
-)
 
 # ------------------------------------------------------------------------------------------------
 # Engine registry
@@ -417,7 +408,7 @@ class ChatFlashMoE(BaseChatModel):
 
     def _settings(self) -> dict[str, Any]:
         """This model's generation settings that are set, as the engine's keyword arguments."""
-        params = {f: getattr(self, f) for f in _GENERATION_FIELDS if getattr(self, f) is not None}
+        params = {f: getattr(self, f) for f in SETTING_NAMES if getattr(self, f) is not None}
         if self.stop:
             params["stop"] = list(self.stop)
         return params
@@ -476,7 +467,7 @@ class ChatFlashMoE(BaseChatModel):
             "experts_per_token": self.experts_per_token,
             **self.load_options,
         }
-        params.update({f: getattr(self, f) for f in _GENERATION_FIELDS})
+        params.update({f: getattr(self, f) for f in SETTING_NAMES})
         params["stop"] = self.stop
         return params
 

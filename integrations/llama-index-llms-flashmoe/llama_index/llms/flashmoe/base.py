@@ -59,6 +59,7 @@ from llama_index.core.types import Model, PydanticProgramMode
 from flashmoe_backend import Chunk, GenerationResult
 from flashmoe_backend import FlashMoE as Engine
 from flashmoe_backend.engine import find_store
+from flashmoe_backend.generate import SETTING_NAMES
 
 if TYPE_CHECKING:
     from llama_index.core.program.utils import FlexibleModel
@@ -480,16 +481,7 @@ class FlashMoE(FunctionCallingLLM):
     def _settings(self) -> dict[str, Any]:
         """This LLM's generation settings that are set (the others are the store's defaults)."""
         out: dict[str, Any] = {}
-        for name in (
-            "max_tokens",
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "repetition_penalty",
-            "seed",
-            "enable_thinking",
-        ):
+        for name in SETTING_NAMES:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
