@@ -27,6 +27,11 @@ class IncompleteOutputError(StructuredOutputError):
 
 # Bytes tried first when looking for a short way to finish a structure: closers, then filler.
 _CLOSING_BYTES = b'"}],:1@\n</>a0 '
+# Whole closing tags tried before single bytes: inside free text (an XML call's raw string value)
+# a closer byte is just more text, and only the full tag ends the value or the call.
+_CLOSING_PHRASES = (b"</function>\n</tool_call>", b"\n</parameter>\n")
+# A byte chosen this often in one finishing walk is tried after the ones it has not.
+_OFTEN = 4
 # How many tokens before max_tokens the processor starts checking it can still finish, and how
 # close to the limit the finishing path may come before the model is held to tokens that keep it.
 _CLOSING_WINDOW = 96
@@ -189,7 +194,11 @@ class ConstrainedLogitsProcessor:
         by default the text generated so far)."""
         start = matcher or self.matcher
         text = bytes(self._text) if text is None else text
-        data = self._finishing_bytes(start.deep_copy(), _BYTES_PER_TOKEN * limit, text)
+        # Two walks: one that only avoids repeating a byte lately, one that also avoids bytes
+        # chosen often (digits before a unit); the shorter way wins.
+        walks = [self._finishing_bytes(start.deep_copy(), _BYTES_PER_TOKEN * limit, text, often)
+                 for often in (None, _OFTEN)]
+        data = min((w for w in walks if w is not None), key=len, default=None)
         if data is None:
             return None
         if not data:
@@ -203,15 +212,15 @@ class ConstrainedLogitsProcessor:
             ids = [bt[b] for b in data]
         return ids if len(ids) <= limit else None
 
-    def _finishing_bytes(self, m: Any, limit: int, text: bytes) -> bytes | None:
+    def _finishing_bytes(self, m: Any, limit: int, text: bytes, often: int | None) -> bytes | None:
         bt = self.vocabulary.byte_token_ids
         order = [b for b in _CLOSING_BYTES if b in bt] + [b for b in range(256)
                                                           if b in bt and b not in _CLOSING_BYTES]
-        out, recent = bytearray(), b""
+        out, recent, chosen = bytearray(), b"", [0] * 256
         while not m.is_accepting():
             if len(out) >= limit or m.is_error():
                 return None
-            forced = m.compute_ff_bytes()
+            forced = m.compute_ff_bytes() or self._closing_phrase(m)
             if forced:
                 if not m.consume_tokens([bt[b] for b in forced]):
                     return None
@@ -223,14 +232,25 @@ class ConstrainedLogitsProcessor:
                 allowed = self._unbanned_bytes(allowed, text + bytes(out), m)
             if not allowed:
                 return None
-            # A byte chosen twice lately is tried after the others: inside free-form text
-            # (a string, an email's local part) repeating a closer is a loop, not the way out.
-            pick = min(allowed, key=lambda b: recent.count(b) >= 2)
+            # A byte chosen twice lately, or often in this walk, is tried after the others:
+            # inside free-form text (a string, an email's local part, digits before a unit)
+            # repeating a byte is a loop, not the way out.
+            pick = min(allowed, key=lambda b: (recent.count(b) >= 2,
+                                               often is not None and chosen[b] >= often))
             if not m.consume_token(bt[pick]):
                 return None
             out.append(pick)
             recent = (recent + bytes([pick]))[-8:]
+            chosen[pick] += 1
         return bytes(out)
+
+    def _closing_phrase(self, m: Any) -> bytes:
+        """The first of :data:`_CLOSING_PHRASES` the grammar allows here in full, or ``b""``."""
+        bt = self.vocabulary.byte_token_ids
+        for phrase in _CLOSING_PHRASES:
+            if all(b in bt for b in phrase) and m.deep_copy().consume_tokens([bt[b] for b in phrase]):
+                return phrase
+        return b""
 
     def _unbanned_bytes(self, allowed: list[int], text: bytes, m: Any) -> list[int]:
         bt = self.vocabulary.byte_token_ids
