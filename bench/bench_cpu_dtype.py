@@ -19,7 +19,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 from flashmoe_backend import FlashMoE, PackOptions, pack
-from flashmoe_backend.tiny import build_tiny_checkpoint
+from tests.fixtures.tiny import build_tiny_checkpoint
 
 
 def prefill_seconds(store: Path, tokens: int) -> float:

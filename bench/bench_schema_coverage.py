@@ -11,7 +11,7 @@ the suite's ``tests/draft2020-12/`` with ``optional/``), with the demo model's t
 * how the grammar treats the suite's own instances: invalid ones accepted (must be none), valid
   ones accepted (the grammar may be stricter than the schema: property order, closed objects),
   and instances that are invalid only where ``format`` asserts;
-* the share of generated outputs that validate (the oracle of ``tests/test_schema_suite.py``:
+* the share of generated outputs that validate (the oracle of ``tests/constrained/test_schema_suite.py``:
   jsonschema 2020-12, format as annotation, exact decimals, ECMA-262 regexes): random walks
   through each grammar (``--walks``), and the demo model (``--n-samples`` per compiled schema,
   temperature 1, ``--max-tokens``); incomplete model outputs are counted apart and must never
@@ -49,7 +49,7 @@ from test_schema_suite import (  # noqa: E402
     validation_errors,
 )
 
-from flashmoe_backend.structured import Constraint  # noqa: E402
+from flashmoe_backend.constrained.constraint import Constraint  # noqa: E402
 
 
 def refusal_kind(exc: ValueError) -> tuple[bool, list[str]]:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from flashmoe_backend import FlashMoE
-    from flashmoe_backend.demo import default_store
+    from flashmoe_backend.store.source import default_store
 
     engine = FlashMoE.load(default_store(), cache_gb=1)
     tokenizer = engine.tokenizer

@@ -33,10 +33,10 @@ import mlx.core as mx
 import numpy as np
 from pydantic import BaseModel, Field
 
-from flashmoe_backend.structured import Constraint
-from flashmoe_backend.tool_calls import tool_call_constraint
-from flashmoe_backend.tool_formats.xml import string_branches
-from flashmoe_backend.vocabulary import Vocabulary
+from flashmoe_backend.constrained.constraint import Constraint
+from flashmoe_backend.constrained.vocabulary import Vocabulary
+from flashmoe_backend.tools.calls import tool_call_constraint
+from flashmoe_backend.tools.xml import string_branches
 
 VOCAB_SIZE = 248_320
 MIN_STEPS = 200  # tokens per walk (and of free text before the calls in auto mode)
@@ -133,7 +133,7 @@ TOOLS = [
     tool("run_shell_command", "Run a command in the sandbox.", obj(
         ["command"], command=string(minLength=1), cwd=string(), timeout_s=number(exclusiveMinimum=0),
         env={"type": "object", "additionalProperties": string()}),
-        {"command": "pytest -q tests/test_structured.py", "timeout_s": 300, "env": {"SEED": "0"}}),
+        {"command": "pytest -q tests/constrained/test_structured.py", "timeout_s": 300, "env": {"SEED": "0"}}),
     tool("place_order", "Place a retail order.", {**obj(  # $defs and $ref, as Pydantic writes them
         ["customer_id", "items", "shipping"], customer_id=string(format="uuid"),
         items=array({"$ref": "#/$defs/LineItem"}, minItems=1), shipping={"$ref": "#/$defs/Address"},
@@ -167,7 +167,7 @@ TOOLS = [
          "departure_time": "2026-05-20T08:15:00+02:00"}),
     tool("read_file", "Read part of a text file.", obj(
         ["path"], path=string(), offset=integer(0), limit=integer(1, 10000), encoding=enum("utf-8", "ascii")),
-        {"path": "flashmoe_backend/structured.py", "offset": 120, "limit": 80}),
+        {"path": "flashmoe_backend/constrained/constraint.py", "offset": 120, "limit": 80}),
     tool("write_file", "Write a text file.", obj(
         ["path", "content"], path=string(), content=string(), mode=enum("overwrite", "append")),
         {"path": "notes/todo.md", "content": "- bench llguidance\n- compare outlines-core\n"}),

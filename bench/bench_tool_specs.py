@@ -45,7 +45,7 @@ KINDS = ("valid", "incomplete", "unenforced", "invalid", "error")
 
 
 def store_for(bits: int, work: Path) -> Path:
-    from flashmoe_backend.demo import default_store
+    from flashmoe_backend.store.source import default_store
     from train.dequantize_store import requantize_store
 
     if bits == 4:
@@ -58,7 +58,7 @@ def store_for(bits: int, work: Path) -> Path:
 
 def run_model(specs: list[dict], bits: int, store: Path, max_tokens: int, log) -> list[dict]:
     from flashmoe_backend import FlashMoE
-    from flashmoe_backend.tool_specs import normalize_tools
+    from flashmoe_backend.tools.specs import normalize_tools
 
     engine = FlashMoE.load(store, cache_gb=0.05)
     outcomes = []
@@ -89,8 +89,8 @@ def walk(specs: list[dict], fmt: str, max_tokens: int, log) -> list[dict]:
     import numpy as np
     from mlx_lm.utils import load_tokenizer
 
-    from flashmoe_backend.demo import default_store
-    from flashmoe_backend.tool_calls import normalize_tools, parse_tool_calls, tool_call_constraint
+    from flashmoe_backend.store.source import default_store
+    from flashmoe_backend.tools.calls import normalize_tools, parse_tool_calls, tool_call_constraint
 
     tokenizer = load_tokenizer(default_store())
     outcomes = []

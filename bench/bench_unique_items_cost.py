@@ -13,7 +13,7 @@ import warnings
 
 from bench_structured import VOCAB_SIZE, build, synthetic_token_bytes, walk_ids, walk_processor
 
-from flashmoe_backend.vocabulary import Vocabulary
+from flashmoe_backend.constrained.vocabulary import Vocabulary
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ On the GPU machine (with MLX's CUDA build), from the repository root:
 
     PYTHONPATH=$PWD python3 bench/h200_layers.py [--layers 8] [--workdir /tmp/h200]
 
-Tiny, on CPU (tests/test_bench.py runs this): ``python bench/h200_layers.py --tiny``.
+Tiny, on CPU (tests/bench/test_bench.py runs this): ``python bench/h200_layers.py --tiny``.
 Prints the JSON report and writes it to ``$OUT/h200.json`` when ``OUT`` is set. The store is
 deleted at the end unless ``--keep-store``.
 """
@@ -61,15 +61,21 @@ from h200_model import REAL, TINY, attach_store, build_model  # noqa: E402
 from h200_upload import PhasedReader, upload_study  # noqa: E402
 from mlx.utils import tree_unflatten  # noqa: E402
 
-from flashmoe_backend import grouped_experts, streaming  # noqa: E402
-from flashmoe_backend.bench.bandwidth import cold_read, floor_per_token, measure_disk, random_records  # noqa: E402
+from flashmoe_backend.bench.bandwidth import (  # noqa: E402
+    cold_read,
+    floor_per_token,
+    measure_disk,
+    random_records,
+)
 from flashmoe_backend.bench.pagecache import evict_page_cache, store_files  # noqa: E402
 from flashmoe_backend.bench.replay import release_memory  # noqa: E402
 from flashmoe_backend.bench.synthetic_store import expert_tensor_bytes, write_synthetic_store  # noqa: E402
-from flashmoe_backend.cache import DEFAULT_POLICY, ExpertCache  # noqa: E402
-from flashmoe_backend.reader import ExpertReader, ReaderConfig  # noqa: E402
-from flashmoe_backend.store import Manifest  # noqa: E402
-from flashmoe_backend.streaming import ExpertStreamer, StreamCounters  # noqa: E402
+from flashmoe_backend.experts import grouped as grouped_experts
+from flashmoe_backend.experts import switch as streaming
+from flashmoe_backend.experts.cache import DEFAULT_POLICY, ExpertCache  # noqa: E402
+from flashmoe_backend.experts.reader import ExpertReader, ReaderConfig  # noqa: E402
+from flashmoe_backend.experts.switch import ExpertStreamer, StreamCounters  # noqa: E402
+from flashmoe_backend.store.format import Manifest  # noqa: E402
 
 GiB = 1024**3
 

@@ -17,11 +17,11 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-from flashmoe_backend.cache import ExpertCache  # noqa: E402
+from flashmoe_backend.experts.cache import ExpertCache  # noqa: E402
+from flashmoe_backend.experts.reader import ExpertReader, ReaderConfig  # noqa: E402
+from flashmoe_backend.experts.switch import ExpertStreamer, install_streaming  # noqa: E402
 from flashmoe_backend.kernels.gated_delta import install_fast_gated_delta  # noqa: E402
-from flashmoe_backend.reader import ExpertReader, ReaderConfig  # noqa: E402
-from flashmoe_backend.store import Manifest  # noqa: E402
-from flashmoe_backend.streaming import ExpertStreamer, install_streaming  # noqa: E402
+from flashmoe_backend.store.format import Manifest  # noqa: E402
 
 REAL = dict(
     hidden=4096,

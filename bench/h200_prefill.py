@@ -15,7 +15,7 @@ memory (no store, no I/O) and an eval barrier around each part:
 * one full-attention layer;
 * the MoE block: router and top-k, the experts (``SwitchGLU`` over 4-bit experts: mlx-lm's sorted
   ``gather_qmm`` path, and the streaming layer's expert-by-expert path of
-  ``flashmoe_backend/grouped_experts.py``), the shared expert; and the experts' floor (bytes /
+  ``flashmoe_backend/experts/grouped.py``), the shared expert; and the experts' floor (bytes /
   device bandwidth).
 
     PYTHONPATH=$PWD python3 bench/h200_prefill.py [--tokens 2048]     # on the GPU machine
@@ -45,7 +45,7 @@ from mlx_lm.models import gated_delta as mlx_gdn  # noqa: E402
 from mlx_lm.models import qwen3_5  # noqa: E402
 from mlx_lm.models.cache import ArraysCache, KVCache  # noqa: E402
 
-from flashmoe_backend.grouped_experts import grouped_switch  # noqa: E402
+from flashmoe_backend.experts.grouped import grouped_switch  # noqa: E402
 from flashmoe_backend.kernels.gated_delta import fast_gated_delta  # noqa: E402
 from flashmoe_backend.kernels.gated_delta_chunked import gated_delta_chunked  # noqa: E402
 from flashmoe_backend.kernels.gated_delta_cuda import gated_delta_cuda  # noqa: E402

@@ -42,10 +42,10 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache  # noqa: E402
 
-from flashmoe_backend import streaming  # noqa: E402
 from flashmoe_backend.bench.synthetic_store import write_synthetic_store  # noqa: E402
-from flashmoe_backend.cache import ExpertCache  # noqa: E402
-from flashmoe_backend.grouped_experts import grouped_switch  # noqa: E402
+from flashmoe_backend.experts import switch as streaming
+from flashmoe_backend.experts.cache import ExpertCache  # noqa: E402
+from flashmoe_backend.experts.grouped import grouped_switch  # noqa: E402
 
 REPORT: dict = {"stages": {}, "samples": []}
 T0 = time.perf_counter()

@@ -16,7 +16,7 @@ import engine_only  # noqa: F401  (first: flashmoe_backend without its package e
 import mlx.core as mx
 import mlx.nn as nn
 
-from flashmoe_backend import streaming
+from flashmoe_backend.experts import switch as streaming
 from flashmoe_backend.kernels import gated_delta
 
 CALLS: dict[str, list[float]] = {"attention_gdn": [], "moe": [], "stack": []}  # each call's seconds

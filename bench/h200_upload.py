@@ -22,7 +22,7 @@ import numpy as np
 
 from flashmoe_backend.bench.bandwidth import open_direct, pread_full
 from flashmoe_backend.bench.pagecache import store_files
-from flashmoe_backend.store import LayerSpec, Manifest, StoreError, checksum
+from flashmoe_backend.store.format import LayerSpec, Manifest, StoreError, checksum
 
 UPLOADS = ("per_tensor", "per_record", "per_batch", "dlpack", "into_mlx")
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from flashmoe_backend import FlashMoE  # noqa: E402
 from flashmoe_backend.bench.router_recall import next_layer_recall, record_states  # noqa: E402
-from flashmoe_backend.demo import default_store  # noqa: E402
+from flashmoe_backend.store.source import default_store  # noqa: E402
 
 HELD_OUT_SEED = 1_000_003  # the demo model's evaluation prompts (train/evaluate.py)
 

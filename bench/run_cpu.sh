@@ -19,5 +19,5 @@ python -m flashmoe_backend.bench synthetic --store "$STORE" --experiments decode
 rm -rf "$STORE"
 
 # 3. Real-model mode on the embedded demo model (tiny: structure, not speed).
-python -m flashmoe_backend.bench model "$(python -c 'from flashmoe_backend.demo import default_store; print(default_store())')" \
+python -m flashmoe_backend.bench model "$(python -c 'from flashmoe_backend.cli.demo import default_store; print(default_store())')" \
     --prompt-tokens 512 --max-tokens 32 --out "$OUT/model_demo.json" --markdown "$OUT/model_demo.md"

@@ -1,7 +1,9 @@
 """flashmoe: run Mixture-of-Experts LLMs larger than memory by streaming experts from SSD.
 
-The pipeline, one module each: ``store`` (format) -> ``pack`` -> ``reader`` -> ``cache`` ->
-``streaming`` (the MoE layer) -> ``generate`` / ``prompt_cache`` -> ``engine`` (``FlashMoE``).
+The pipeline, one package a stage: ``store`` (format, pack, source) -> ``experts`` (reader, cache,
+switch: the MoE layer) -> ``generation`` (params, loop, prompt cache, stats) -> ``constrained`` and
+``tools`` (grammars, tool-call formats) -> ``engine`` (``FlashMoE``) -> ``chat`` (what the front
+ends share) -> ``cli`` and the integrations.
 
 The public names below are imported on first use (PEP 562): the engine pulls in mlx-lm and,
 through it, transformers (seconds), which ``flashmoe --help`` or ``import flashmoe_backend.store``
@@ -14,8 +16,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
-    from .engine import FlashMoE
-    from .errors import (
+    from flashmoe_backend.engine import FlashMoE
+    from flashmoe_backend.errors import (
         CacheBudgetWarning,
         ContextWindowError,
         FlashMoEError,
@@ -27,32 +29,32 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
         ToolError,
         UnknownArgumentError,
     )
-    from .generate import Chunk, GenerationParams, GenerationResult
-    from .packing import PackOptions, pack
-    from .stats import Stats
-    from .store import StoreError, verify_store
+    from flashmoe_backend.generation.params import Chunk, GenerationParams, GenerationResult
+    from flashmoe_backend.generation.stats import Stats
+    from flashmoe_backend.store.format import StoreError, verify_store
+    from flashmoe_backend.store.pack import PackOptions, pack
 
 # public name -> the submodule that defines it
 _dynamic_imports: dict[str, str] = {
     "CacheBudgetWarning": "errors",
-    "Chunk": "generate",
+    "Chunk": "generation.params",
     "ContextWindowError": "errors",
     "FlashMoE": "engine",
     "FlashMoEError": "errors",
-    "GenerationParams": "generate",
-    "GenerationResult": "generate",
+    "GenerationParams": "generation.params",
+    "GenerationResult": "generation.params",
     "InvalidRequestError": "errors",
-    "PackOptions": "packing",
+    "PackOptions": "store.pack",
     "ParameterError": "errors",
     "PromptError": "errors",
     "ResponseFormatError": "errors",
-    "Stats": "stats",
-    "StoreError": "store",
+    "Stats": "generation.stats",
+    "StoreError": "store.format",
     "StoreNotFoundError": "errors",
     "ToolError": "errors",
     "UnknownArgumentError": "errors",
-    "pack": "packing",
-    "verify_store": "store",
+    "pack": "store.pack",
+    "verify_store": "store.format",
 }
 
 __all__ = [

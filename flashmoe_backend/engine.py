@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import threading
 import time
 import warnings
@@ -19,38 +18,41 @@ from typing import Any, get_args
 
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .aio import iterate_in_thread
-from .cache import DEFAULT_POLICY, CacheCounters, ExpertCache, Policy
-from .demo import DEMO_NAME, default_store
-from .errors import (
+from flashmoe_backend.constrained.constraint import check_response_format
+from flashmoe_backend.errors import (
     CacheBudgetWarning,
     InvalidRequestError,
     ParameterError,
-    StoreNotFoundError,
     ToolError,
 )
-from .generate import (
+from flashmoe_backend.experts.cache import DEFAULT_POLICY, CacheCounters, ExpertCache, Policy
+from flashmoe_backend.experts.reader import ExpertReader, PageCache, ReaderConfig, Verify
+from flashmoe_backend.experts.switch import ExpertStreamer, StreamCounters, install_streaming
+from flashmoe_backend.generation.aio import iterate_in_thread
+from flashmoe_backend.generation.loop import TokenStream, encode_prompt, finish_stats
+from flashmoe_backend.generation.params import (
     Chunk,
     GenerationDefaults,
     GenerationParams,
     GenerationResult,
     Prompt,
-    TokenStream,
-    encode_prompt,
-    finish_stats,
     generation_params,
     read_generation_defaults,
 )
-from .kernels.gated_delta import install_fast_gated_delta
-from .output import MarkupFilter, OutputPlan, prompt_in_think
-from .prompt_cache import PromptCache, message_boundaries, prefill
-from .reader import ExpertReader, PageCache, ReaderConfig, Verify
-from .stats import Stats
-from .store import MANIFEST, Manifest, StoreError, check_store, read_config, read_manifest
-from .streaming import ExpertStreamer, StreamCounters, install_streaming
-from .structured import check_response_format
-from .tool_calls import ToolSpec, normalize_tool_choice, normalize_tools
-from .validation import (
+from flashmoe_backend.generation.prompt_cache import PromptCache, message_boundaries, prefill
+from flashmoe_backend.generation.stats import Stats
+from flashmoe_backend.kernels.gated_delta import install_fast_gated_delta
+from flashmoe_backend.output import MarkupFilter, OutputPlan, prompt_in_think
+from flashmoe_backend.store.format import (
+    Manifest,
+    StoreError,
+    check_store,
+    read_config,
+    read_manifest,
+)
+from flashmoe_backend.store.source import find_store
+from flashmoe_backend.tools.calls import ToolSpec, normalize_tool_choice, normalize_tools
+from flashmoe_backend.validation import (
     check_bool,
     check_choice,
     check_int,
@@ -62,24 +64,6 @@ from .validation import (
 
 GB = 1024**3
 MiB = 1024**2
-
-
-def find_store(store: Any) -> Path:
-    """The store directory of ``store`` (a path, or ``"demo"``: the embedded demo store, as on the
-    command line); ``StoreNotFoundError`` (a ``FileNotFoundError`` and a ``StoreError``) when
-    there is no directory or no manifest in it."""
-    if not isinstance(store, (str, os.PathLike)):
-        raise ParameterError(f"store must be a path to a store directory, got {type(store).__name__}")
-    if store == DEMO_NAME:
-        return default_store()
-    path = Path(store).expanduser()
-    if not path.is_dir():
-        raise StoreNotFoundError(f"{path}: no such store directory; make a store with `flashmoe pack`")
-    if not (path / MANIFEST).is_file():
-        raise StoreNotFoundError(
-            f"{path}: not a flashmoe store (no {MANIFEST}); make one with `flashmoe pack`"
-        )
-    return path
 
 
 def check_load_options(

@@ -12,7 +12,7 @@ The types subclass what users already catch: a missing store is a ``FileNotFound
 
 from __future__ import annotations
 
-from .store import StoreError
+from flashmoe_backend.store.format import StoreError
 
 
 class FlashMoEError(Exception):

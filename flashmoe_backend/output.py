@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .structured import Constraint, IncompleteOutputError, StructuredOutputError
-from .tool_calls import (
+from flashmoe_backend.constrained.constraint import Constraint, IncompleteOutputError, StructuredOutputError
+from flashmoe_backend.tools.calls import (
     THINK_CLOSE,
     THINK_OPEN,
     TOOL_CALL_CLOSE,

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any
 
-from .errors import ContextWindowError, ParameterError, PromptError, ToolError
+from flashmoe_backend.errors import ContextWindowError, ParameterError, PromptError, ToolError
 
 #: The message roles the engine sends to a chat template.
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")

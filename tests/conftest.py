@@ -1,7 +1,7 @@
 """Shared pytest fixtures: tiny random checkpoints built on the fly, cached for the session.
 
 * ``tiny_hf_dir(arch="qwen3_5_moe", **options) -> Path`` (alias ``tiny_checkpoint``): a Hugging
-  Face checkpoint made by :func:`flashmoe_backend.tiny.build_tiny_checkpoint` (``options`` are
+  Face checkpoint made by :func:`tests.fixtures.tiny.build_tiny_checkpoint` (``options`` are
   its keyword arguments).
 * ``tiny_quantized_dir(arch="qwen3_5_moe", bits=4, group_size=32, **options) -> Path``: the
   mlx-community style copy of that checkpoint made by ``mlx_lm.convert``.
@@ -27,7 +27,7 @@ def _key(*parts: Any, **options: Any) -> tuple:
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: ``tiny_hf_dir(arch="qwen3_5_moe", **build_tiny_checkpoint_options) -> Path``."""
-    from flashmoe_backend.tiny import build_tiny_checkpoint
+    from tests.fixtures.tiny import build_tiny_checkpoint
 
     built: dict[tuple, Path] = {}
 
@@ -52,7 +52,7 @@ def tiny_quantized_dir(
     tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Callable[..., Path]
 ) -> Callable[..., Path]:
     """Factory: ``tiny_quantized_dir(arch="qwen3_5_moe", bits=4, group_size=32, **options)``."""
-    from flashmoe_backend.tiny import build_quantized_checkpoint
+    from tests.fixtures.tiny import build_quantized_checkpoint
 
     built: dict[tuple, Path] = {}
 
@@ -73,7 +73,7 @@ def tiny_quantized_dir(
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: ``tiny_tokenizer_dir(tool_format="xml", **build_tokenizer_options) -> Path``."""
-    from flashmoe_backend.tiny import build_tokenizer
+    from tests.fixtures.tiny import build_tokenizer
 
     built: dict[tuple, Path] = {}
 

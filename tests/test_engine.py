@@ -101,7 +101,7 @@ def test_bfloat16_checkpoint(tiny_hf_dir, tmp_path):
     hf = tiny_hf_dir("qwen3_5_moe", dtype="bfloat16")
     store = tmp_path / "bf16"
     pack(hf, store, PackOptions(bits=4, group_size=32, progress=False))
-    from flashmoe_backend.store import read_manifest
+    from flashmoe_backend.store.format import read_manifest
 
     assert {t.dtype for t in read_manifest(store).layers[0].tensors} == {"uint32", "bfloat16"}
     converted = tmp_path / "conv"
@@ -133,7 +133,7 @@ def test_greedy_generation_is_identical_to_mlx_lm(checkpoints, path):
 
 
 def _expert_gb(engine_store) -> float:
-    from flashmoe_backend.store import read_manifest
+    from flashmoe_backend.store.format import read_manifest
 
     return read_manifest(engine_store).expert_bytes / 1024**3
 
@@ -167,7 +167,7 @@ def test_prefill_reads_each_needed_expert_once_per_chunk(checkpoints):
     _, store, _, _ = checkpoints("qwen3_moe")
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, 500, size=257).tolist()
-    from flashmoe_backend.store import read_manifest
+    from flashmoe_backend.store.format import read_manifest
 
     layer_gb = read_manifest(store).layers[0].file_bytes / 1024**3
     for budget_fraction in (1.0, 0.3):  # of ONE layer's experts: 0.3 forces groups

@@ -10,8 +10,8 @@ import pytest
 from pydantic import BaseModel, Field
 
 from flashmoe_backend import FlashMoE, PackOptions, pack
-from flashmoe_backend.outlines_model import from_mlxlm
-from flashmoe_backend.store import read_manifest
+from flashmoe_backend.constrained.outlines_model import from_mlxlm
+from flashmoe_backend.store.format import read_manifest
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",

@@ -585,7 +585,7 @@ def test_engine_load_installs_the_fast_recurrence(uninstalled):
     from mlx_lm.models import qwen3_5
 
     from flashmoe_backend import FlashMoE
-    from flashmoe_backend.demo import default_store
+    from flashmoe_backend.store.source import default_store
 
     FlashMoE.load(default_store(), cache_gb=0.01)
     assert qwen3_5.gated_delta_update is gd.gated_delta_update_fast

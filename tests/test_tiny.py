@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from flashmoe_backend.tiny import (
+from tests.fixtures.tiny import (
     ARCHS,
     MARKUP_TOKENS,
     SPECIAL_TOKENS,

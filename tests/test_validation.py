@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flashmoe_backend import FlashMoE, PackOptions, pack
-from flashmoe_backend.demo import DOCUMENT, QUESTION, REQUEST, WEATHER_TOOL, default_store
+from flashmoe_backend.cli.demo import DOCUMENT, QUESTION, REQUEST, WEATHER_TOOL
 from flashmoe_backend.errors import (
     USER_ERRORS,
     CacheBudgetWarning,
@@ -33,8 +33,9 @@ from flashmoe_backend.errors import (
     ToolError,
     UnknownArgumentError,
 )
-from flashmoe_backend.generate import GenerationDefaults, read_generation_defaults
-from flashmoe_backend.store import read_manifest
+from flashmoe_backend.generation.params import GenerationDefaults, read_generation_defaults
+from flashmoe_backend.store.format import read_manifest
+from flashmoe_backend.store.source import default_store
 from flashmoe_backend.validation import reply_budget
 
 GB = 1024**3

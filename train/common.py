@@ -11,9 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_tiny() -> ModuleType:
-    """``flashmoe_backend/tiny.py``, loaded by path.
+    """``tests/fixtures/tiny.py``, loaded by path.
 
-    Importing ``flashmoe_backend.tiny`` the normal way runs ``flashmoe_backend/__init__.py``, which
+    Importing ``tests.fixtures.tiny`` the normal way runs ``flashmoe_backend/__init__.py``, which
     imports MLX; the GPU training machine has torch and transformers but no MLX. tiny.py itself
     only needs the standard library at import time.
     """

@@ -1,6 +1,6 @@
 """A synthetic chat corpus for the demo model, deterministic by seed.
 
-Four kinds of conversation, in the Qwen3.5 chat format of :mod:`flashmoe_backend.tiny`'s template:
+Four kinds of conversation, in the Qwen3.5 chat format of :mod:`tests.fixtures.tiny`'s template:
 
 * ``qa``: grounded question answering. A document of short facts about synthetic people, places,
   companies, events, orders, flights... (names, places and codes are made of random syllables, so

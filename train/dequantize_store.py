@@ -36,7 +36,7 @@ import numpy as np
 if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from flashmoe_backend.store import CONFIG, RESIDENT, read_config, read_manifest
+from flashmoe_backend.store.format import CONFIG, RESIDENT, read_config, read_manifest
 
 _QUANT_KEYS = ("quantization", "quantization_config")
 

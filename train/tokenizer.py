@@ -1,6 +1,6 @@
 """The demo model's tokenizer: a byte-level BPE trained on the synthetic corpus.
 
-Same construction as :func:`flashmoe_backend.tiny.build_tokenizer` (byte-level BPE, the Qwen
+Same construction as :func:`tests.fixtures.tiny.build_tokenizer` (byte-level BPE, the Qwen
 special tokens ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` and the markup tokens ``<think>``,
 ``</think>``, ``<tool_call>``... appended after the learned vocabulary, EOS ``<|im_end|>``, PAD
 ``<|endoftext|>``, no BOS, the Qwen3.5 XML chat template of tiny.py), but trained on rendered

@@ -12,7 +12,7 @@ flash-linear-attention varlen kernels), loss on the assistant tokens only, and a
 load-balancing loss on the routers.
 
 ``--minutes`` is the budget of the whole run, from start to saved checkpoint. ``OUT`` gets the
-Hugging Face checkpoint in the real Qwen3.5 on-disk layout (the one ``flashmoe_backend/tiny.py``
+Hugging Face checkpoint in the real Qwen3.5 on-disk layout (the one ``tests/fixtures/tiny.py``
 writes: ``model_type: qwen3_5_moe`` with ``text_config``, tensors under ``model.language_model.*``,
 experts fused as ``mlp.experts.gate_up_proj`` / ``down_proj``) as ONE ``model.safetensors``, the
 tokenizer (``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``),

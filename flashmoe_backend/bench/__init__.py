@@ -38,12 +38,12 @@ Modules, roughly in the order a run uses them:
 * ``verdicts``: targets, decisions and invariants; ``report``: markdown, and writing the report.
 """
 
-from .cli import add_arguments, main, run
-from .config import ModelConfig, SyntheticConfig
-from .model import run_model
-from .report import to_markdown
-from .synthetic import run_synthetic
-from .verdicts import TARGETS
+from flashmoe_backend.bench.cli import add_arguments, main, run
+from flashmoe_backend.bench.config import ModelConfig, SyntheticConfig
+from flashmoe_backend.bench.model import run_model
+from flashmoe_backend.bench.report import to_markdown
+from flashmoe_backend.bench.synthetic import run_synthetic
+from flashmoe_backend.bench.verdicts import TARGETS
 
 __all__ = [
     "TARGETS",

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..reader import _aligned_buffer
-from ..store import Manifest, StoreError
-from .pagecache import evict_page_cache, store_files
+from flashmoe_backend.bench.pagecache import evict_page_cache, store_files
+from flashmoe_backend.experts.reader import _aligned_buffer
+from flashmoe_backend.store.format import Manifest, StoreError
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -144,7 +144,7 @@ def touch(weights: dict) -> int:
 
 def measure_memory(store: Path, manifest: Manifest, records: int, repeats: int = 3, seed: int = 0) -> dict:
     """Bandwidth of the compute stand-in over records read by the real reader into MLX arrays."""
-    from ..reader import ExpertReader, ReaderConfig
+    from flashmoe_backend.experts.reader import ExpertReader, ReaderConfig
 
     rng = np.random.default_rng(seed)
     layers = len(manifest.layers)

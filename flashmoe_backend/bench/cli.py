@@ -8,11 +8,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cache import POLICIES
-from .config import EXPERIMENTS, ModelConfig, SyntheticConfig, from_namespace
-from .model import run_model
-from .report import write_report
-from .synthetic import run_synthetic
+from flashmoe_backend.bench.config import EXPERIMENTS, ModelConfig, SyntheticConfig, from_namespace
+from flashmoe_backend.bench.model import run_model
+from flashmoe_backend.bench.report import write_report
+from flashmoe_backend.bench.synthetic import run_synthetic
+from flashmoe_backend.experts.cache import POLICIES
 
 
 def _float_list(text: str) -> list[float]:
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from . import __doc__ as summary
+    from flashmoe_backend.bench import __doc__ as summary
 
     parser = argparse.ArgumentParser(prog="flashmoe bench", description=summary.split("\n\n")[0])
     add_arguments(parser)

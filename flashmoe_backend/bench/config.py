@@ -9,8 +9,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from ..cache import DEFAULT_GUARD, DEFAULT_HALF_LIFE, DEFAULT_POLICY
-from .synthetic_store import QWEN35
+from flashmoe_backend.bench.synthetic_store import QWEN35
+from flashmoe_backend.experts.cache import DEFAULT_GUARD, DEFAULT_HALF_LIFE, DEFAULT_POLICY
 
 #: The synthetic mode's experiments (``--experiments``).
 EXPERIMENTS = ("policies", "decode", "page-cache", "peers", "prefetch", "prefill")

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import Manifest
-from . import trace as tr
-from .bandwidth import floor_per_token, measure_disk, random_records
-from .common import log
-from .config import SyntheticConfig
-from .peers import mmap_run_name, run_mmap
-from .replay import RunConfig, run_decode
+from flashmoe_backend.bench import trace as tr
+from flashmoe_backend.bench.bandwidth import floor_per_token, measure_disk, random_records
+from flashmoe_backend.bench.common import log
+from flashmoe_backend.bench.config import SyntheticConfig
+from flashmoe_backend.bench.peers import mmap_run_name, run_mmap
+from flashmoe_backend.bench.replay import RunConfig, run_decode
+from flashmoe_backend.store.format import Manifest
 
 #: The decode run of the shipped defaults (the targets and decisions compare against it).
 DEFAULT_RUN = "lfu, O_DIRECT, own cache (default)"

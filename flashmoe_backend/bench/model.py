@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import MANIFEST, Manifest, read_manifest
-from . import trace as tr
-from .bandwidth import floor_per_token, measure_disk, measure_memory
-from .config import ModelConfig
-from .pagecache import evict_page_cache, store_files
-from .replay import release_memory
-from .report import machine_info
+from flashmoe_backend.bench import trace as tr
+from flashmoe_backend.bench.bandwidth import floor_per_token, measure_disk, measure_memory
+from flashmoe_backend.bench.config import ModelConfig
+from flashmoe_backend.bench.pagecache import evict_page_cache, store_files
+from flashmoe_backend.bench.replay import release_memory
+from flashmoe_backend.bench.report import machine_info
+from flashmoe_backend.store.format import MANIFEST, Manifest, read_manifest
 
 
 class _ModelProbe:
@@ -75,7 +75,7 @@ def _generate(
     """One cold ``FlashMoE.generate`` of a random prompt at ``k`` experts per token (None: the
     model's own); returns its row of the report (whose store and bandwidth sections it uses) and
     the prompt."""
-    from ..engine import GB, FlashMoE
+    from flashmoe_backend.engine import GB, FlashMoE
 
     store = Path(cfg.store)
     rb, resident_bytes = report["store"]["record_bytes"], report["store"]["resident_bytes"]
@@ -152,7 +152,7 @@ def _full_model_dir(store: Path, manifest: Manifest, out: Path) -> Path:
     stacked back under their SwitchGLU names."""
     import mlx.core as mx
 
-    from ..reader import ExpertReader, ReaderConfig
+    from flashmoe_backend.experts.reader import ExpertReader, ReaderConfig
 
     out.mkdir(parents=True, exist_ok=True)
     for name in os.listdir(store):
@@ -192,7 +192,7 @@ def _mlx_lm_in_memory(store: Path, manifest: Manifest, prompt: list[int], max_to
 
 def run_model(cfg: ModelConfig, command: str = "") -> dict:
     """``FlashMoE.generate`` on a store; engine.stats and streamer counters against the floor."""
-    from ..engine import GB
+    from flashmoe_backend.engine import GB
 
     store = Path(cfg.store)
     manifest = read_manifest(store)

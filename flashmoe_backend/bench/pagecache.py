@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import Manifest
+from flashmoe_backend.store.format import Manifest
 
 
 def store_files(store: Path, manifest: Manifest) -> list[Path]:

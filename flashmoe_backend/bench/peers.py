@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import Manifest
-from .bandwidth import floor_per_token
-from .pagecache import (
+from flashmoe_backend.bench.bandwidth import floor_per_token
+from flashmoe_backend.bench.pagecache import (
     PageCacheBudget,
     evict_page_cache,
     process_read_bytes,
     store_files,
     store_resident_bytes,
 )
+from flashmoe_backend.store.format import Manifest
 
 
 def mmap_run_name(advice: str) -> str:

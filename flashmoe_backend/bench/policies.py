@@ -7,11 +7,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from ..cache import _LFU, ExpertCache
-from ..store import Manifest
-from . import trace as tr
-from .common import log
-from .synthetic_store import synthetic_manifest
+from flashmoe_backend.bench import trace as tr
+from flashmoe_backend.bench.common import log
+from flashmoe_backend.bench.synthetic_store import synthetic_manifest
+from flashmoe_backend.experts.cache import _LFU, ExpertCache
+from flashmoe_backend.store.format import Manifest
 
 
 class NullReader:
@@ -73,7 +73,7 @@ class GeneratorOracle:
 def simulate(steps: Sequence[tr.Step], manifest: Manifest, budget_bytes: int, policy, **options) -> dict:
     """Hit rate of a policy (a name, or a policy object) over an access sequence, through the real
     ExpertStreamer and cache."""
-    from ..streaming import ExpertStreamer
+    from flashmoe_backend.experts.switch import ExpertStreamer
 
     if isinstance(policy, str):
         cache = ExpertCache(budget_bytes, policy, **options)

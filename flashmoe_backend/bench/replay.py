@@ -17,16 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache import DEFAULT_POLICY, ExpertCache
-from ..store import Manifest
-from .bandwidth import cold_read, floor_per_token, touch
-from .pagecache import (
+from flashmoe_backend.bench.bandwidth import cold_read, floor_per_token, touch
+from flashmoe_backend.bench.pagecache import (
     PageCacheBudget,
     evict_page_cache,
     process_read_bytes,
     store_files,
     store_resident_bytes,
 )
+from flashmoe_backend.experts.cache import DEFAULT_POLICY, ExpertCache
+from flashmoe_backend.store.format import Manifest
 
 
 @dataclass
@@ -105,8 +105,8 @@ class TracePrefetcher:
 
 def fresh_streamer(store: Path, manifest: Manifest, cfg: RunConfig):
     """A new reader and an empty cache, as ``cfg`` says."""
-    from ..reader import ExpertReader, ReaderConfig
-    from ..streaming import ExpertStreamer
+    from flashmoe_backend.experts.reader import ExpertReader, ReaderConfig
+    from flashmoe_backend.experts.switch import ExpertStreamer
 
     reader = ExpertReader(store, manifest, ReaderConfig(cfg.io_threads, cfg.page_cache, cfg.verify))
     cache = ExpertCache(cfg.budget_bytes, cfg.policy, **cfg.policy_options)

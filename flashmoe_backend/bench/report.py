@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from .common import GiB, MiB
+from flashmoe_backend.bench.common import GiB, MiB
 
 
 def machine_info(path: Path) -> dict:

@@ -18,18 +18,30 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import MANIFEST, read_manifest
-from . import trace as tr
-from .bandwidth import measure_disk, measure_memory, random_records
-from .common import GiB, log
-from .config import SyntheticConfig
-from .experiments import DEFAULT_RUN, Setup, decode_plan, generate, run_plan, shipped_options
-from .pagecache import drop_caches, evict_page_cache, store_files, store_resident_bytes
-from .policies import policy_study
-from .replay import RunConfig, run_prefill
-from .report import machine_info
-from .synthetic_store import expert_tensor_bytes, write_synthetic_store
-from .verdicts import invariants, judge
+from flashmoe_backend.bench import trace as tr
+from flashmoe_backend.bench.bandwidth import measure_disk, measure_memory, random_records
+from flashmoe_backend.bench.common import GiB, log
+from flashmoe_backend.bench.config import SyntheticConfig
+from flashmoe_backend.bench.experiments import (
+    DEFAULT_RUN,
+    Setup,
+    decode_plan,
+    generate,
+    run_plan,
+    shipped_options,
+)
+from flashmoe_backend.bench.pagecache import (
+    drop_caches,
+    evict_page_cache,
+    store_files,
+    store_resident_bytes,
+)
+from flashmoe_backend.bench.policies import policy_study
+from flashmoe_backend.bench.replay import RunConfig, run_prefill
+from flashmoe_backend.bench.report import machine_info
+from flashmoe_backend.bench.synthetic_store import expert_tensor_bytes, write_synthetic_store
+from flashmoe_backend.bench.verdicts import invariants, judge
+from flashmoe_backend.store.format import MANIFEST, read_manifest
 
 
 def run_synthetic(cfg: SyntheticConfig, command: str = "") -> dict:

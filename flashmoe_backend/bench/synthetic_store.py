@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import CONFIG, MANIFEST, LayerSpec, Manifest, checksum, record_layout
+from flashmoe_backend.store.format import CONFIG, MANIFEST, LayerSpec, Manifest, checksum, record_layout
 
 SWITCH_MODULE = "language_model.model.layers.{}.mlp.switch_mlp"
 #: Qwen3.5-397B-A17B expert shapes: one 4-bit record is 7,077,888 bytes.

@@ -3,7 +3,7 @@ the measurements support, and consistency checks the tests assert (never speed).
 
 from __future__ import annotations
 
-from ..cache import DEFAULT_POLICY
+from flashmoe_backend.experts.cache import DEFAULT_POLICY
 
 #: Targets of the benchmark (from the issue).
 TARGETS = {

@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable, Iterator
 import mlx.core as mx
 from mlx_lm.models import gated_delta as _mlx_gd
 
-from .gated_delta_chunked import gated_delta_chunked
-from .gated_delta_cuda import cuda_available, gated_delta_cuda
+from flashmoe_backend.kernels.gated_delta_chunked import gated_delta_chunked
+from flashmoe_backend.kernels.gated_delta_cuda import cuda_available, gated_delta_cuda
 
 __all__ = [
     "fast_gated_delta",

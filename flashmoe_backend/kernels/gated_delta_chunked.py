@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .gated_delta_contract import check_shapes
+from flashmoe_backend.kernels.gated_delta_contract import check_shapes
 
 # log(g) is clamped here so that a gate that underflowed to 0 gives a finite log. exp(-200) is
 # already 0 in float32 (the smallest subnormal is exp(-103.3)), so the clamp changes no result.

@@ -11,7 +11,7 @@ from functools import cache
 
 import mlx.core as mx
 
-from .gated_delta_contract import check_shapes
+from flashmoe_backend.kernels.gated_delta_contract import check_shapes
 
 # Helpers placed before the kernel (after MLX's default header, which includes cuda_fp16.h and
 # cuda_bf16.h). Conversions go through the documented intrinsics rather than relying on the

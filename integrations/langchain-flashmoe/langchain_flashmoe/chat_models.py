@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flashmoe_backend import Chunk, FlashMoE, GenerationResult
-from flashmoe_backend.engine import check_tools, find_store
-from flashmoe_backend.generate import SETTING_NAMES
-from flashmoe_backend.structured import check_response_format
+from flashmoe_backend.constrained.constraint import check_response_format
+from flashmoe_backend.engine import check_tools
+from flashmoe_backend.generation.params import SETTING_NAMES
+from flashmoe_backend.store.source import find_store
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput

@@ -1,7 +1,7 @@
 """Fixtures of the langchain-flashmoe tests: one tiny packed store per session, built offline.
 
 ``tiny_store`` is a store packed from the random-weights Qwen3.5-MoE fixture checkpoint of
-``flashmoe_backend.tiny``; ``tiny_store_copy`` is the same store at a second path (a second engine
+``tests.fixtures.tiny``; ``tiny_store_copy`` is the same store at a second path (a second engine
 in the registry, used for per-call ``model`` overrides). Both are read-only.
 """
 
@@ -57,7 +57,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import flashmoe_backend
-    from flashmoe_backend.tiny import build_tiny_checkpoint
+    from tests.fixtures.tiny import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("lc-flashmoe")
     hf = build_tiny_checkpoint(root / "hf", "qwen3_5_moe", seed=0)
@@ -92,8 +92,8 @@ def store_paths(request: pytest.FixtureRequest, tiny_store: Path, tiny_store_cop
 @pytest.fixture(scope="class")
 def demo_store_paths(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Like ``store_paths``, with flashmoe's embedded trained demo model (its store and a copy)."""
-    from flashmoe_backend.demo import default_store
-    from flashmoe_backend.store import read_manifest
+    from flashmoe_backend.store.format import read_manifest
+    from flashmoe_backend.store.source import default_store
 
     store = default_store()
     copy = tmp_path_factory.mktemp("lc-demo") / "store-copy"

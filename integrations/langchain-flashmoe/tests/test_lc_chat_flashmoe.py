@@ -329,7 +329,7 @@ def test_request_translation(llm: ChatFlashMoE, tiny_store_copy: Path) -> None:
 
 def _result(**kw):
     from flashmoe_backend import GenerationResult, Stats
-    from flashmoe_backend.tool_calls import InvalidToolCall, ToolCall
+    from flashmoe_backend.tools.calls import InvalidToolCall, ToolCall
 
     base = dict(
         text="",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flashmoe_backend.demo import DOCUMENT, QUESTION, REQUEST, WEATHER_TOOL, default_store
+from flashmoe_backend.cli.demo import DOCUMENT, QUESTION, REQUEST, WEATHER_TOOL
 from flashmoe_backend.errors import (
     ContextWindowError,
     ParameterError,
@@ -18,7 +18,8 @@ from flashmoe_backend.errors import (
     ToolError,
     UnknownArgumentError,
 )
-from flashmoe_backend.store import read_manifest
+from flashmoe_backend.store.format import read_manifest
+from flashmoe_backend.store.source import default_store
 from langchain_core.messages import ChatMessage, HumanMessage, SystemMessage
 
 from langchain_flashmoe import ChatFlashMoE

@@ -32,7 +32,7 @@ if not _installed():  # pragma: no cover
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A packed tiny Qwen3.5-MoE store (4-bit experts), built once per session."""
     from flashmoe_backend import PackOptions, pack
-    from flashmoe_backend.tiny import build_tiny_checkpoint
+    from tests.fixtures.tiny import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("llama-index-flashmoe")
     hf = build_tiny_checkpoint(root / "hf", "qwen3_5_moe", seed=0)

@@ -12,7 +12,7 @@ from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRol
 from llama_index.core.tools import FunctionTool
 from llama_index.llms.flashmoe import FlashMoE
 
-from flashmoe_backend.demo import DOCUMENT, QUESTION, REQUEST, WEATHER_TOOL, default_store, fake_weather
+from flashmoe_backend.cli.demo import DOCUMENT, QUESTION, REQUEST, WEATHER_TOOL, fake_weather
 from flashmoe_backend.errors import (
     ContextWindowError,
     ParameterError,
@@ -22,7 +22,8 @@ from flashmoe_backend.errors import (
     ToolError,
     UnknownArgumentError,
 )
-from flashmoe_backend.store import read_manifest
+from flashmoe_backend.store.format import read_manifest
+from flashmoe_backend.store.source import default_store
 
 GROUNDED = [
     ChatMessage(role=MessageRole.SYSTEM, content="Use the following facts to answer.\n" + DOCUMENT),

@@ -58,8 +58,8 @@ from llama_index.core.types import Model, PydanticProgramMode
 
 from flashmoe_backend import Chunk, GenerationResult
 from flashmoe_backend import FlashMoE as Engine
-from flashmoe_backend.engine import find_store
-from flashmoe_backend.generate import SETTING_NAMES
+from flashmoe_backend.generation.params import SETTING_NAMES
+from flashmoe_backend.store.source import find_store
 
 if TYPE_CHECKING:
     from llama_index.core.program.utils import FlexibleModel

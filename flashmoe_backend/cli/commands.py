@@ -1,0 +1,461 @@
+"""The ``flashmoe`` command: pack, generate, chat, info, verify, bench, demo.
+
+Only the standard library is imported at the top: each command imports what it needs (the engine
+pulls in mlx-lm and transformers, seconds), so ``flashmoe --help`` and ``flashmoe info`` start at
+once. Bad arguments are rejected by argparse's ``type`` functions below with one line and exit
+code 2; engine and store errors get the same treatment in ``main`` (``--debug`` shows the
+traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+
+from flashmoe_backend.store.source import DEMO_NAME, default_store
+
+MiB = 1024**2
+PROG = "flashmoe"
+DESCRIPTION = "flashmoe: run Mixture-of-Experts LLMs larger than memory by streaming experts from SSD."
+EPILOG = """examples:
+  flashmoe demo                          the embedded demo model, offline
+  flashmoe chat demo                     chat with it
+  flashmoe generate demo -p "Hello"      one answer
+  flashmoe info demo                     what a store holds"""
+STORE_HELP = (
+    "store directory made by 'flashmoe pack', or 'demo' for the embedded demo model "
+    "(./demo for a directory of that name)"
+)
+
+# -- argument types: each raises ArgumentTypeError, which argparse prints as
+# "flashmoe: error: argument --NAME: MESSAGE" with exit code 2 --------------------------------
+
+
+def _bounds(gt: float | None, ge: float | None, le: float | None) -> str:
+    """The allowed range in words: "> 0", ">= 1", "in (0, 1]"."""
+    if (gt is not None or ge is not None) and le is not None:
+        return f"in {'(' if gt is not None else '['}{gt if gt is not None else ge}, {le}]"
+    if gt is not None:
+        return f"> {gt}"
+    if ge is not None:
+        return f">= {ge}"
+    return f"<= {le}"
+
+
+def number(
+    kind: type[int] | type[float] = float,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+) -> Callable[[str], int | float]:
+    """An argparse ``type``: a finite ``kind`` (int or float) within the given bounds."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        below = (gt is not None and value <= gt) or (ge is not None and value < ge)
+        if below or (le is not None and value > le):
+            raise argparse.ArgumentTypeError(f"must be {_bounds(gt, ge, le)}, got {text.strip()}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some of its own messages
+    return parse
+
+
+def nonempty(text: str) -> str:
+    """An argparse ``type``: any string but the empty one."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def store_path(text: str) -> Path:
+    """An argparse ``type`` for a STORE: a directory, or ``demo`` for the embedded demo store."""
+    if text == DEMO_NAME:
+        return default_store()
+    return Path(nonempty(text)).expanduser()
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors, in every subcommand too, start "flashmoe: error:" like
+    the errors ``main`` reports (argparse would write "flashmoe generate: error:")."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+# -- arguments shared by several commands ---------------------------------------------------------
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", metavar="STORE", type=store_path, help=STORE_HELP)
+    p.add_argument("--cache-gb", type=number(gt=0), default=4.0, help="expert cache budget (GiB)")
+    p.add_argument(
+        "--experts-per-token",
+        "-k",
+        type=number(int, ge=1),
+        default=None,
+        help="override the model's top-k (changes its output; default: exact)",
+    )
+    p.add_argument("--page-cache", choices=("bypass", "keep"), default="bypass")
+    p.add_argument("--policy", choices=("lfu", "lru"), default="lfu")
+
+
+SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    # No defaults here (None): what the user leaves out comes from the store's
+    # generation_config.json, else from GenerationParams.
+    p.add_argument("--max-tokens", "-m", type=number(int, ge=1), help="default: the store's, else 256")
+    p.add_argument("--temperature", "--temp", type=number(ge=0), help="default: the store's, else 0 (greedy)")
+    p.add_argument("--top-p", type=number(gt=0, le=1))
+    p.add_argument("--top-k", type=number(int, ge=0), help="0: no top-k cut")
+    p.add_argument("--min-p", type=number(ge=0, le=1))
+    p.add_argument("--repetition-penalty", type=number(gt=0))
+    p.add_argument("--seed", type=number(int, ge=0))
+    p.add_argument("--stop", type=nonempty, action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--enable-thinking",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let the model reason before answering (default: the store's, else the chat template's)",
+    )
+    p.add_argument(
+        "--hide-reasoning",
+        action="store_true",
+        help="do not print reasoning (default: dimmed on a terminal, else lines starting with "
+        "'[reasoning] ')",
+    )
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The generation arguments the user gave (the engine fills in the store's defaults)."""
+    kwargs = {name: getattr(args, name) for name in SAMPLING if getattr(args, name) is not None}
+    if args.stop:
+        kwargs["stop"] = args.stop
+    if args.enable_thinking is not None:
+        kwargs["enable_thinking"] = args.enable_thinking
+    return kwargs
+
+
+def _load(args: argparse.Namespace):
+    from flashmoe_backend.engine import FlashMoE
+
+    return FlashMoE.load(
+        args.store,
+        cache_gb=args.cache_gb,
+        experts_per_token=args.experts_per_token,
+        page_cache=args.page_cache,
+        policy=args.policy,
+    )
+
+
+def _answer(engine, prompt, args: argparse.Namespace):
+    """Stream one answer to stdout (reasoning set apart), then the statistics to stderr."""
+    from flashmoe_backend.cli.console import print_stats, stream_to_console, unanswered_hint
+
+    result = stream_to_console(
+        engine.stream(prompt, **sampling_kwargs(args)), hide_reasoning=args.hide_reasoning
+    )
+    hint = unanswered_hint(result)
+    if hint:
+        print(f"flashmoe: {hint}", file=sys.stderr)
+    print_stats(result.stats)
+    return result
+
+
+def generation_prompt(text: str, *, raw: bool, has_chat_template: bool) -> str | list[dict]:
+    """What ``flashmoe generate`` sends: a user message for chat models (their template adds the
+    turn markup they were trained on), the text itself with ``--raw`` or without a template."""
+    if raw or not has_chat_template:
+        return text
+    return [{"role": "user", "content": text}]
+
+
+def assistant_message(result) -> dict:
+    """A generation as the assistant turn of a chat history: the answer as ``content`` and the
+    reasoning as ``reasoning_content`` (where chat templates look for it), no raw markup."""
+    message = {"role": "assistant", "content": result.text}
+    if result.reasoning:
+        message["reasoning_content"] = result.reasoning
+    return message
+
+
+def _read_turn(prompt: str = ">> ") -> str | None:
+    """The user's next line; ``None`` on an empty line or end of input (Ctrl-D)."""
+    try:
+        line = input(prompt).strip()
+    except EOFError:
+        print()  # Ctrl-D leaves the cursor after the prompt: end that line
+        return None
+    return line or None
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from flashmoe_backend.store.pack import PackOptions, pack
+
+    options = PackOptions(bits=args.bits, group_size=args.group_size, dtype=args.dtype)
+    manifest = pack(args.src, args.dst, options)
+    print(
+        f"packed {len(manifest.layers)} MoE layers, {manifest.expert_bytes / MiB:.1f} MiB of "
+        f"experts, into {args.dst}"
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = _load(args)
+    try:
+        has_template = engine.tokenizer.chat_template is not None
+        _answer(engine, generation_prompt(args.prompt, raw=args.raw, has_chat_template=has_template), args)
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("flashmoe chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    try:
+        while (line := _read_turn()) is not None:
+            messages.append({"role": "user", "content": line})
+            messages.append(assistant_message(_answer(engine, messages, args)))
+    finally:
+        engine.close()
+    return 0
+
+
+def store_info(store: Path) -> dict:
+    """Architecture and sizes of a store: what stays resident, what streams."""
+    from flashmoe_backend.store.format import (
+        RESIDENT,
+        check_store,
+        quantization_summary,
+        read_config,
+        read_manifest,
+    )
+
+    manifest, config = read_manifest(store), read_config(store)
+    check_store(store, manifest, config)
+    text = config.get("text_config", config)
+    first = manifest.layers[0]
+    return {
+        "model_type": manifest.model_type,
+        "layers": text.get("num_hidden_layers"),
+        "moe_layers": len(manifest.layers),
+        "hidden_size": text.get("hidden_size"),
+        "experts_per_layer": first.num_experts,
+        "experts_per_token": text.get("num_experts_per_tok"),
+        "expert_quantization": first.quantization,
+        "quantization": quantization_summary(store, manifest, config),  # per tensor kind
+        "expert_record_bytes": first.record_bytes,
+        "expert_bytes": manifest.expert_bytes,
+        "resident_bytes": (store / RESIDENT).stat().st_size,
+    }
+
+
+def cmd_info(args) -> int:
+    from flashmoe_backend.store.format import summary_lines
+
+    info = store_info(args.store)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    for key, value in info.items():
+        if key.endswith("bytes"):
+            value = f"{value / MiB:,.1f} MiB ({value:,} bytes)"
+        elif key == "quantization":  # one line per tensor kind, aligned under the first
+            value = f"\n{'':22} ".join(summary_lines(value))
+        print(f"{key:22} {value}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from flashmoe_backend.store.format import verify_store
+
+    report = verify_store(args.store, progress=not args.quiet)
+    for file, expert in report.bad:
+        print(f"CORRUPT {args.store / file}: expert {expert} fails its checksum", file=sys.stderr)
+    status = "OK" if report.ok else f"{len(report.bad)} corrupt record(s)"
+    print(f"{status}: {report.records} records, {report.bytes / MiB:.1f} MiB checked")
+    return 0 if report.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flashmoe_backend.cli.demo import run_demo
+
+    return run_demo(cache_gb=args.cache_gb, max_tokens=args.max_tokens)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from flashmoe_backend.bench import run
+
+    if args.bench_mode == "model":  # its STORE may be "demo" too (synthetic's --store is a work dir)
+        args.store = store_path(str(args.store))
+    run(args, sys.argv[2:])
+    return 0
+
+
+# -- the parser and main --------------------------------------------------------------------------
+
+
+def _debug_flag(default: object) -> argparse.ArgumentParser:
+    """A parent parser with ``--debug``: accepted before and after the command."""
+    parent = Parser(add_help=False)
+    parent.add_argument(
+        "--debug", action="store_true", default=default, help="show the traceback of an error"
+    )
+    return parent
+
+
+def build_parser(commands: Collection[str | None] | None = None) -> argparse.ArgumentParser:
+    """The ``flashmoe`` parser. With ``commands`` given, only those commands' arguments are
+    complete (the others still parse, in ``--help`` too): ``bench`` builds its arguments from
+    modules that import numpy and MLX, which ``flashmoe --help`` or ``flashmoe info`` should not
+    wait for."""
+    parser = Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_debug_flag(False)],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # SUPPRESS: a subcommand's --debug, when absent, leaves the top-level one's value alone
+    common = [_debug_flag(argparse.SUPPRESS)]
+
+    p = sub.add_parser("pack", parents=common, help="pack a local checkpoint into a streaming store")
+    p.add_argument("src", type=Path, help="Hugging Face or mlx-community checkpoint directory")
+    p.add_argument("dst", type=Path, help="store directory to create")
+    p.add_argument(
+        "--bits",
+        type=number(int),
+        choices=(2, 3, 4, 5, 6, 8, 16),
+        default=4,
+        help="bits per expert weight; 16: no quantization",
+    )
+    p.add_argument("--group-size", type=number(int, ge=1), default=64)
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("generate", parents=common, help="generate text from a prompt")
+    _add_engine_args(p)
+    p.add_argument("--prompt", "-p", type=nonempty, required=True)
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the prompt as raw text (default for chat models: as a user message, through "
+        "the chat template)",
+    )
+    p.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the default now
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", parents=common, help="interactive streaming chat")
+    _add_engine_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", parents=common, help="architecture and sizes of a store")
+    p.add_argument("store", metavar="STORE", type=store_path, help=STORE_HELP)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("verify", parents=common, help="check every expert record's checksum")
+    p.add_argument("store", metavar="STORE", type=store_path, help=STORE_HELP)
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "bench", parents=common, help="decode/prefill against the physical floor (JSON + markdown)"
+    )
+    if commands is None or "bench" in commands:
+        from flashmoe_backend.bench import add_arguments
+
+        add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", parents=common, help="run the embedded demo model offline")
+    p.add_argument("--cache-gb", type=number(gt=0), default=None, help="default: a quarter of the experts")
+    p.add_argument("--max-tokens", "-m", type=number(int, ge=1), default=48)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv`` (its first argument that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def error_message(error: BaseException) -> str:
+    """One line for an error: ``path: reason`` for OS errors, else the error's own message."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error) or type(error).__name__
+
+
+def _silence_stdout() -> None:
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (captured in tests)
+        pass
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is the caller's mistake (reported in one line) rather than a bug (a
+    traceback): the engine's and the store's errors, and bad values or files in general."""
+    from flashmoe_backend.errors import USER_ERRORS  # here: it imports the store module, and with it numpy
+
+    return isinstance(error, (ValueError, OSError, *USER_ERRORS))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # A warning (a cache too small to hold a token's experts) is advice to the user: one line,
+    # not the source line that raised it.
+    print(f"{PROG}: warning: {message}", file=file or sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``flashmoe`` with ``argv`` (default: the command line); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser({command_of(argv)}).parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(file=sys.stderr)  # the ^C was echoed mid-line
+        return 130
+    except BrokenPipeError:  # stdout's reader left (`| head`): stop, and skip the flush at exit
+        _silence_stdout()
+        return 1
+    except Exception as e:
+        if args.debug or not is_user_error(e):
+            raise
+        print(f"{PROG}: error: {error_message(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

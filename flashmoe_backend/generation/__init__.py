@@ -1,0 +1,2 @@
+"""Generation: ``params`` (what a caller asks for and gets back), ``loop`` (prompt encoding and the
+token stream), ``prompt_cache`` (reused prefixes), ``stats`` (what the run cost) and ``aio``."""
