@@ -1,6 +1,6 @@
 """Prefill time on MLX's CPU backend with float32 vs float16 resident weights.
 
-    python bench/bench_cpu_dtype.py [--tokens 300]
+    python -m bench.bench_cpu_dtype [--tokens 300]
 
 Packs the embedded demo model's architecture at fixture size (``tiny.build_tiny_checkpoint``,
 Qwen3.5-MoE, 4-bit experts) twice, once per dtype, and times one prefill of ``--tokens`` tokens

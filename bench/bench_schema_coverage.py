@@ -19,7 +19,7 @@ the suite's ``tests/draft2020-12/`` with ``optional/``), with the demo model's t
 
 Prints markdown tables; ``--json PATH`` saves the numbers.
 
-Usage: ``python bench/bench_schema_coverage.py [--n-samples 1] [--walks 10] [--max-tokens 64]
+Usage: ``python -m bench.bench_schema_coverage [--n-samples 1] [--walks 10] [--max-tokens 64]
 [--json out.json]``
 """
 
@@ -31,15 +31,11 @@ import json
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from test_schema_suite import (  # noqa: E402
+from flashmoe_backend.constrained.constraint import Constraint
+from tests.constrained.test_schema_suite import (
     CLEAR_REFUSALS,
     SCHEMAS,
     SUITE,
@@ -49,7 +45,7 @@ from test_schema_suite import (  # noqa: E402
     validation_errors,
 )
 
-from flashmoe_backend.constrained.constraint import Constraint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def refusal_kind(exc: ValueError) -> tuple[bool, list[str]]:

@@ -1,6 +1,6 @@
 """Startup time of the ``flashmoe`` command and of ``import flashmoe_backend``, in fresh processes.
 
-    python bench/bench_startup.py [--runs 7] [--repetitions 3] [--out bench/results/startup]
+    python -m bench.bench_startup [--runs 7] [--repetitions 3] [--out bench/results/startup]
 
 Times three commands from spawn to exit, each in a new process (nothing cached in the
 interpreter; the OS file cache is warmed by one discarded run of each first):

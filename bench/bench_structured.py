@@ -6,7 +6,7 @@ a fresh process (time, memory, anything written), compiles in this process, the 
 (the mlx-lm ``processor(tokens, logits)`` and llguidance alone) along a valid output, and the old
 outlines-core ``Index`` with a time limit per compile. Tables in markdown; ``--json`` keeps the numbers.
 
-Usage: ``python bench/bench_structured.py [--runs 2] [--json out.json] [--old-timeout 120] [--no-old]``
+Usage: ``python -m bench.bench_structured [--runs 2] [--json out.json] [--old-timeout 120] [--no-old]``
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ TOOLS = [
     tool("run_shell_command", "Run a command in the sandbox.", obj(
         ["command"], command=string(minLength=1), cwd=string(), timeout_s=number(exclusiveMinimum=0),
         env={"type": "object", "additionalProperties": string()}),
-        {"command": "pytest -q tests/constrained/test_structured.py", "timeout_s": 300, "env": {"SEED": "0"}}),
+        {"command": "pytest -q tests/test_structured.py", "timeout_s": 300, "env": {"SEED": "0"}}),
     tool("place_order", "Place a retail order.", {**obj(  # $defs and $ref, as Pydantic writes them
         ["customer_id", "items", "shipping"], customer_id=string(format="uuid"),
         items=array({"$ref": "#/$defs/LineItem"}, minItems=1), shipping={"$ref": "#/$defs/Address"},
@@ -558,7 +558,7 @@ def main() -> None:
     t0 = time.perf_counter()
     lines = report(res := measure(args))
     res["total_s"] = time.perf_counter() - t0
-    command = " ".join(["python bench/bench_structured.py", *sys.argv[1:]])
+    command = " ".join(["python -m bench.bench_structured", *sys.argv[1:]])
     print("\n".join(lines + [f"\nTotal benchmark time: {res['total_s'] / 60:.1f} min. Command: `{command}`"]))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

@@ -1,6 +1,6 @@
 """Forced tool calls for every spec of ``tests/fixtures/tool_specs.json`` on the demo model.
 
-    python bench/bench_tool_specs.py [--bits 4,2] [--max-tokens 256] [--limit N] [--walk]
+    python -m bench.bench_tool_specs [--bits 4,2] [--max-tokens 256] [--limit N] [--walk]
                                      [--json PATH] [--out bench/results/tool_specs.md]
 
 For each bit width: the store (4 bits: the shipped demo store; any other width: the shipped store
@@ -36,10 +36,9 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "fixtures")]
+from tests.fixtures import tool_spec_checks as checks
 
-import tool_spec_checks as checks  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 KINDS = ("valid", "incomplete", "unenforced", "invalid", "error")
 

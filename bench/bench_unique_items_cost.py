@@ -2,7 +2,7 @@
 ``bench_structured.py``'s tool sets (whose ``tag_documents`` has two ``uniqueItems`` arrays), with
 and without the guard, interleaved in one process, at a 248,320-token logits width.
 
-    python bench/bench_unique_items_cost.py [--reps 4]
+    python -m bench.bench_unique_items_cost [--reps 4]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Side-by-side table of two ``train/evaluate.py`` runs (their ``.json`` outputs): old vs new.
 
-    python bench/compare_demo_eval.py OLD.json NEW.json [--labels old,new]
+    python -m bench.compare_demo_eval OLD.json NEW.json [--labels old,new]
 
 One table per bit width: each metric of ``train.evaluate.COLUMNS`` (plus the JSON field accuracy
 and QA 'contains'), the two scores, their difference, and the mean decode tok/s of each.
@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from train.evaluate import COLUMNS  # noqa: E402
+from train.evaluate import COLUMNS
 
 EXTRA = [("qa", "contains", "QA reply contains the answer"), ("tool_auto", "name", "tool name (auto)"),
          ("tool_required", "name", "tool name (required)"), ("json_free", "fields", "JSON fields (free)"),

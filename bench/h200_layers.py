@@ -32,9 +32,9 @@ and measures:
 
 On the GPU machine (with MLX's CUDA build), from the repository root:
 
-    PYTHONPATH=$PWD python3 bench/h200_layers.py [--layers 8] [--workdir /tmp/h200]
+    python -m bench.h200_layers [--layers 8] [--workdir /tmp/h200]
 
-Tiny, on CPU (tests/bench/test_bench.py runs this): ``python bench/h200_layers.py --tiny``.
+Tiny, on CPU (tests/bench/test_bench.py runs this): ``python -m bench.h200_layers --tiny``.
 Prints the JSON report and writes it to ``$OUT/h200.json`` when ``OUT`` is set. The store is
 deleted at the end unless ``--keep-store``.
 """
@@ -50,32 +50,29 @@ import time
 import traceback
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_unflatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import engine_only  # noqa: E402, F401  (first: flashmoe_backend without its package extras)
-import h200_timing as timing  # noqa: E402
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-from h200_model import REAL, TINY, attach_store, build_model  # noqa: E402
-from h200_upload import PhasedReader, upload_study  # noqa: E402
-from mlx.utils import tree_unflatten  # noqa: E402
-
-from flashmoe_backend.bench.bandwidth import (  # noqa: E402
+from bench import h200_timing as timing
+from bench.h200_model import REAL, TINY, attach_store, build_model
+from bench.h200_upload import PhasedReader, upload_study
+from flashmoe_backend.bench.bandwidth import (
     cold_read,
     floor_per_token,
     measure_disk,
     random_records,
 )
-from flashmoe_backend.bench.pagecache import evict_page_cache, store_files  # noqa: E402
-from flashmoe_backend.bench.replay import release_memory  # noqa: E402
-from flashmoe_backend.bench.synthetic_store import expert_tensor_bytes, write_synthetic_store  # noqa: E402
+from flashmoe_backend.bench.pagecache import evict_page_cache, store_files
+from flashmoe_backend.bench.replay import release_memory
+from flashmoe_backend.bench.synthetic_store import expert_tensor_bytes, write_synthetic_store
 from flashmoe_backend.experts import grouped as grouped_experts
 from flashmoe_backend.experts import switch as streaming
-from flashmoe_backend.experts.cache import DEFAULT_POLICY, ExpertCache  # noqa: E402
-from flashmoe_backend.experts.reader import ExpertReader, ReaderConfig  # noqa: E402
-from flashmoe_backend.experts.switch import ExpertStreamer, StreamCounters  # noqa: E402
-from flashmoe_backend.store.format import Manifest  # noqa: E402
+from flashmoe_backend.experts.cache import DEFAULT_POLICY, ExpertCache
+from flashmoe_backend.experts.reader import ExpertReader, ReaderConfig
+from flashmoe_backend.experts.switch import ExpertStreamer, StreamCounters
+from flashmoe_backend.store.format import Manifest
 
 GiB = 1024**3
 

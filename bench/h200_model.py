@@ -8,20 +8,17 @@ sets it up. Used by ``h200_layers.py``, ``h200_prefill.py`` and ``h200_probe.py`
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import engine_only  # noqa: E402, F401  (first: flashmoe_backend without its package extras)
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+import mlx.core as mx
+import mlx.nn as nn
+from flashmoe_kernels import install_fast_gated_delta
+from mlx.utils import tree_flatten, tree_unflatten
 
-from flashmoe_backend.experts.cache import ExpertCache  # noqa: E402
-from flashmoe_backend.experts.reader import ExpertReader, ReaderConfig  # noqa: E402
-from flashmoe_backend.experts.switch import ExpertStreamer, install_streaming  # noqa: E402
-from flashmoe_backend.kernels.gated_delta import install_fast_gated_delta  # noqa: E402
-from flashmoe_backend.store.format import Manifest  # noqa: E402
+from flashmoe_backend.experts.cache import ExpertCache
+from flashmoe_backend.experts.reader import ExpertReader, ReaderConfig
+from flashmoe_backend.experts.switch import ExpertStreamer, install_streaming
+from flashmoe_backend.store.format import Manifest
 
 REAL = dict(
     hidden=4096,

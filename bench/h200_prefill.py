@@ -18,8 +18,8 @@ memory (no store, no I/O) and an eval barrier around each part:
   ``flashmoe_backend/experts/grouped.py``), the shared expert; and the experts' floor (bytes /
   device bandwidth).
 
-    PYTHONPATH=$PWD python3 bench/h200_prefill.py [--tokens 2048]     # on the GPU machine
-    python bench/h200_prefill.py --tiny                                 # CPU, seconds
+    python -m bench.h200_prefill [--tokens 2048]     # on the GPU machine
+    python -m bench.h200_prefill --tiny                                 # CPU, seconds
 
 Prints a markdown table and the JSON report (also written to ``$OUT/h200_prefill.json``).
 """
@@ -30,25 +30,25 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import h200_model as real  # noqa: E402  (also makes flashmoe_backend importable without extras)
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import numpy as np  # noqa: E402
-from bench_gated_delta import make_inputs  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
-from mlx_lm.models import gated_delta as mlx_gdn  # noqa: E402
-from mlx_lm.models import qwen3_5  # noqa: E402
-from mlx_lm.models.cache import ArraysCache, KVCache  # noqa: E402
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from flashmoe_kernels.gated_delta import (
+    fast_gated_delta,
+    gated_delta_chunked,
+    gated_delta_cuda,
+    make_inputs,
+)
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models import gated_delta as mlx_gdn
+from mlx_lm.models import qwen3_5
+from mlx_lm.models.cache import ArraysCache, KVCache
 
-from flashmoe_backend.experts.grouped import grouped_switch  # noqa: E402
-from flashmoe_backend.kernels.gated_delta import fast_gated_delta  # noqa: E402
-from flashmoe_backend.kernels.gated_delta_chunked import gated_delta_chunked  # noqa: E402
-from flashmoe_backend.kernels.gated_delta_cuda import gated_delta_cuda  # noqa: E402
+from bench import h200_model as real
+from flashmoe_backend.experts.grouped import grouped_switch
 
 #: Each timed part's first run (label -> seconds): on CUDA it includes compiling the part's
 #: kernels (MLX compiles them with NVRTC on first use, tens of seconds for some), which the

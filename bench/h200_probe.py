@@ -16,8 +16,8 @@ while ``h200_prefill.py`` times the same parts alone at milliseconds. This scrip
 and samples the process's CPU time (user / system) and the main thread's Python frame every
 second, so a slow stretch can be told apart as GPU work, host work or kernel (system) work.
 
-    PYTHONPATH=$PWD python3 bench/h200_probe.py            # on the GPU machine
-    python bench/h200_probe.py --tiny                        # CPU, seconds
+    python -m bench.h200_probe            # on the GPU machine
+    python -m bench.h200_probe --tiny                        # CPU, seconds
 """
 
 from __future__ import annotations
@@ -34,18 +34,17 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import h200_model as real  # noqa: E402  (also makes flashmoe_backend importable without extras)
-import h200_timing as timing  # noqa: E402
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
-from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache  # noqa: E402
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 
-from flashmoe_backend.bench.synthetic_store import write_synthetic_store  # noqa: E402
+from bench import h200_model as real
+from bench import h200_timing as timing
+from flashmoe_backend.bench.synthetic_store import write_synthetic_store
 from flashmoe_backend.experts import switch as streaming
-from flashmoe_backend.experts.cache import ExpertCache  # noqa: E402
-from flashmoe_backend.experts.grouped import grouped_switch  # noqa: E402
+from flashmoe_backend.experts.cache import ExpertCache
+from flashmoe_backend.experts.grouped import grouped_switch
 
 REPORT: dict = {"stages": {}, "samples": []}
 T0 = time.perf_counter()

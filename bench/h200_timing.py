@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 import time
 
-import engine_only  # noqa: F401  (first: flashmoe_backend without its package extras)
 import mlx.core as mx
 import mlx.nn as nn
+from flashmoe_kernels.gated_delta import dispatch as gated_delta
 
 from flashmoe_backend.experts import switch as streaming
-from flashmoe_backend.kernels import gated_delta
 
 CALLS: dict[str, list[float]] = {"attention_gdn": [], "moe": [], "stack": []}  # each call's seconds
 

@@ -16,7 +16,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import engine_only  # noqa: F401  (first: flashmoe_backend without its package extras)
 import mlx.core as mx
 import numpy as np
 

@@ -6,23 +6,19 @@ Greedy generations from held-out prompts of each of the embedded demo model's ta
 answering, tool calls, JSON, chat), every decoded token's routing recorded; or, with ``--store``,
 any Qwen3-MoE / Qwen3.5-MoE / Qwen3-Next store and ``--prompt`` texts.
 
-    python bench/prefetch_recall.py [--n 8] [--max-tokens 48] [--json out.json]
-    python bench/prefetch_recall.py --store STORE --prompt "..." [--prompt "..."]
+    python -m bench.prefetch_recall [--n 8] [--max-tokens 48] [--json out.json]
+    python -m bench.prefetch_recall --store STORE --prompt "..." [--prompt "..."]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from flashmoe_backend import FlashMoE  # noqa: E402
-from flashmoe_backend.bench.router_recall import next_layer_recall, record_states  # noqa: E402
-from flashmoe_backend.store.source import default_store  # noqa: E402
+from flashmoe_backend import FlashMoE
+from flashmoe_backend.bench.router_recall import next_layer_recall, record_states
+from flashmoe_backend.store.source import default_store
 
 HELD_OUT_SEED = 1_000_003  # the demo model's evaluation prompts (train/evaluate.py)
 

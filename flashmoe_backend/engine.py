@@ -8,14 +8,16 @@ work with mlx-lm's and Outlines' own generation code unchanged.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, ClassVar, get_args
 
+from flashmoe_kernels import install_fast_gated_delta
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from flashmoe_backend.constrained.constraint import check_response_format
@@ -41,7 +43,6 @@ from flashmoe_backend.generation.params import (
 )
 from flashmoe_backend.generation.prompt_cache import PromptCache, message_boundaries, prefill
 from flashmoe_backend.generation.stats import Stats
-from flashmoe_backend.kernels.gated_delta import install_fast_gated_delta
 from flashmoe_backend.output import MarkupFilter, OutputPlan, prompt_in_think
 from flashmoe_backend.store.format import (
     Manifest,
@@ -136,7 +137,12 @@ def _with_top_k(config: dict, k: int | None) -> dict:
 
 
 class FlashMoE:
-    """A streaming-experts MoE engine. Create it with ``FlashMoE.load(store_dir, ...)``."""
+    """A streaming-experts MoE engine. Create it with ``FlashMoE.load(store_dir, ...)``, or share
+    one per (store, load options) with ``FlashMoE.shared(store_dir, ...)``."""
+
+    #: ``shared``'s engines, by (resolved store directory, every load option); guarded by the lock.
+    _shared_engines: ClassVar[dict[tuple, FlashMoE]] = {}
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(
         self,
@@ -256,6 +262,42 @@ class FlashMoE:
             prompt_cache_entries,
             defaults,
         )
+
+    @classmethod
+    def shared(cls, store: str | Path, *args: Any, **load_options: Any) -> FlashMoE:
+        """The one engine of ``store`` with these load options (``load``'s arguments), loaded on
+        first use and handed to every later caller: front ends share engines this way.
+
+        The key is the directory the store resolves to (``find_store``: a relative path, a
+        symlink and the absolute path are one store) and every load option, defaults filled in
+        (``shared(s)`` and ``shared(s, cache_gb=4.0)`` are one engine). An engine serialises its
+        own generations (``self.lock``), so it can be used from several threads at once. The
+        errors are ``load``'s: ``StoreNotFoundError``, ``StoreError``, ``ParameterError``, and a
+        ``TypeError`` for an option ``load`` does not take.
+        """
+        path = find_store(store)
+        bound = inspect.signature(cls.load).bind(path, *args, **load_options)
+        bound.apply_defaults()
+        options = {k: v for k, v in bound.arguments.items() if k != "store"}
+        check_load_options(**options)  # a bad option is refused before it is used as a key
+        key = (str(path.resolve()), *sorted(options.items()))
+        with cls._shared_lock:
+            engine = cls._shared_engines.get(key)
+            if engine is None:
+                engine = cls._shared_engines[key] = cls.load(path, **options)
+        return engine
+
+    @classmethod
+    def release_shared(cls) -> None:
+        """Close and forget every engine of ``shared`` (each after the generation it is running,
+        if any); the next ``shared`` call loads again. Objects still holding a released engine
+        cannot generate any more."""
+        with cls._shared_lock:
+            engines = list(cls._shared_engines.values())
+            cls._shared_engines.clear()
+        for engine in engines:
+            with engine.lock:
+                engine.close()
 
     # -- generation ------------------------------------------------------------------------
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from train import data  # noqa: E402
+from flashmoe_backend.tools.calls import parse_tool_calls
+from flashmoe_backend.tools.specs import normalize_tools
+from train import data
 
 
 @pytest.fixture(scope="module")
@@ -121,17 +117,13 @@ def test_tool_call_examples_parse(render_tok):
 
 
 def test_tool_calls_parse_with_the_engine_parser(render_tok):
-    tool_calls = pytest.importorskip("flashmoe_backend.tool_calls")
-    if not hasattr(tool_calls, "parse_tool_calls"):
-        pytest.skip("engine parser not available")
     for ex in data.examples(14, 30, kind="tool"):
         if not ex.meta["calls"]:
             continue
         _, target = data.turn_text(render_tok, ex, ex.train_turns[0])
-        specs = tool_calls.normalize_tools(ex.tools)
+        specs = normalize_tools(ex.tools)
         assert [s.to_openai() for s in specs] == ex.tools  # the engine renders the same prompt
-        content, calls, invalid = tool_calls.parse_tool_calls(target.removesuffix("<|im_end|>"), "xml",
-                                                              ex.tools)
+        content, calls, invalid = parse_tool_calls(target.removesuffix("<|im_end|>"), "xml", ex.tools)
         assert not content.strip() and not invalid
         got = [{"name": c.name, "arguments": c.arguments} for c in calls]
         assert [g["name"] for g in got] == [w["name"] for w in ex.meta["calls"]]

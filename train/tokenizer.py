@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from train.common import load_tiny
+from tests.fixtures import tiny
 
 
 def _pieces(texts: Iterable[str], added: list[str]) -> Iterator[str]:
@@ -31,7 +31,6 @@ def render_tokenizer():
     """A tokenizer that only serves to render the chat template (tiny.py's 512-token one)."""
     from transformers import AutoTokenizer
 
-    tiny = load_tiny()
     with tempfile.TemporaryDirectory() as tmp:
         tiny.build_tokenizer(Path(tmp))
         return AutoTokenizer.from_pretrained(tmp)
@@ -47,7 +46,6 @@ def train_tokenizer_json(corpus: Iterable[str], vocab_size: int) -> str:
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tiny = load_tiny()
     added = list(tiny.SPECIAL_TOKENS) + list(tiny.MARKUP_TOKENS)
     if vocab_size < 256 + len(added) + 1:
         raise ValueError(f"vocab_size must be at least {256 + len(added) + 1}, got {vocab_size}")
@@ -122,14 +120,13 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 2048, seed: int = 0, corpus
 
     from train import data
 
-    tiny = load_tiny()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if corpus is None and vocab_size <= 512:
         return tiny.build_tokenizer(out_dir, vocab_size=vocab_size, seed=seed)
     if corpus is None:
         renderer = render_tokenizer()
-        corpus = list(data.corpus_texts(renderer, seed, n_examples)) + tiny._corpus(seed)
+        corpus = list(data.corpus_texts(renderer, seed, n_examples)) + tiny.corpus(seed)
     tok = Tokenizer.from_str(train_tokenizer_json(corpus, vocab_size))
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,

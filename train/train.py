@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from tests.fixtures import tiny
 from train import data
-from train.common import load_tiny
 from train.tokenizer import build_tokenizer, use_qwen_pipeline
 
 HELD_OUT_SEED = 1_000_003  # evaluation data: a different seed than any training seed
@@ -289,7 +289,6 @@ def save_checkpoint(model, tok_dir: Path, out_dir: Path, dtype: str = "float16")
     ``qwen3_5_moe``: one safetensors file with ``model.language_model.*`` keys and fused experts,
     the config wrapped as ``Qwen3_5MoeForConditionalGeneration`` with ``text_config``, the
     tokenizer and a ``generation_config.json`` whose EOS is ``<|im_end|>``."""
-    tiny = load_tiny()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -301,7 +300,7 @@ def save_checkpoint(model, tok_dir: Path, out_dir: Path, dtype: str = "float16")
         if key.startswith("model."):
             key = "model.language_model." + key[len("model."):]
         tensors[key] = value.detach().to("cpu", torch_dtype)
-    tiny._write_safetensors(out_dir / "model.safetensors", tensors)
+    tiny.write_safetensors(out_dir / "model.safetensors", tensors)
     text_config = model.config.to_diff_dict()
     text_config.pop("architectures", None)
     for key in ("output_router_logits", "_experts_implementation", "experts_implementation"):

@@ -29,7 +29,6 @@ samples 5 per width (~3-8 s a call) to stay within ~90 s.
 from __future__ import annotations
 
 import json
-import sys
 import time
 import warnings
 from collections import Counter
@@ -38,14 +37,10 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-REPO = FIXTURES.parents[1]
-for _path in (FIXTURES, REPO):  # the fixture helpers; train/ (dequantize_store)
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from tests.fixtures import build_tool_specs
+from tests.fixtures import tool_spec_checks as checks
 
-import build_tool_specs  # noqa: E402
-import tool_spec_checks as checks  # noqa: E402
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 SPECS = checks.load_specs()
 FORMATS = ("xml", "hermes")

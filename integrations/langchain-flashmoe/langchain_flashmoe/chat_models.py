@@ -6,338 +6,55 @@ arguments, and the engine's ``Chunk`` / ``GenerationResult`` back to ``AIMessage
 parsing, reasoning extraction, constrained decoding and stop strings are the engine's.
 
 Engines are loaded once per (store, load options) and shared by every ``ChatFlashMoE`` that names
-them; the engine serialises its own generations, so one model object can be used from several
-threads and coroutines at once.
+them (``FlashMoE.shared``); the engine serialises its own generations, so one model object can be
+used from several threads and coroutines at once. The glue every front end shares (settings, tool
+calls, usage) is ``flashmoe_backend.chat``'s; the translation helpers are in ``_utils``.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
-from pathlib import Path
 from typing import Any, Literal
 
-from flashmoe_backend import Chunk, FlashMoE, GenerationResult
+from flashmoe_backend import FlashMoE, GenerationResult, chat
 from flashmoe_backend.constrained.constraint import check_response_format
-from flashmoe_backend.engine import check_tools
 from flashmoe_backend.generation.params import SETTING_NAMES
-from flashmoe_backend.store.source import find_store
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.model_profile import ModelProfile
-from langchain_core.messages import (
-    AIMessage,
-    AIMessageChunk,
-    BaseMessage,
-    ChatMessage,
-    HumanMessage,
-    SystemMessage,
-    ToolMessage,
-)
-from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableGenerator, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
-from langchain_core.utils.pydantic import is_basemodel_subclass
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field, PrivateAttr
 
-PROVIDER = "flashmoe"
+from langchain_flashmoe._utils import (
+    COMPLETE_ONLY,
+    PROVIDER,
+    ai_message,
+    ai_message_chunk,
+    convert_messages,
+    is_pydantic_class,
+    is_reasoning,
+    last_chunk,
+    to_engine_response_format,
+    to_engine_tool_choice,
+)
+
+__all__ = ["ChatFlashMoE", "convert_messages", "get_engine", "release_engines"]
 
 # Per-call keyword arguments that LangChain (or a caller written for another provider) may pass and
 # that have no meaning here: constrained decoding is always strict, and streaming is chosen by the
 # method called.
 _IGNORED_KWARGS = ("strict", "stream", "ls_structured_output_format")
-# Content blocks of an assistant message that are carried elsewhere (tool calls, reasoning).
-_NON_TEXT_ASSISTANT_BLOCKS = {
-    "tool_use",
-    "tool_call",
-    "tool_call_chunk",
-    "invalid_tool_call",
-    "function_call",
-    "reasoning",
-    "thinking",
-    "redacted_thinking",
-}
 
-# ------------------------------------------------------------------------------------------------
-# Engine registry
-# ------------------------------------------------------------------------------------------------
-
-_ENGINES: dict[tuple, FlashMoE] = {}
-_ENGINES_LOCK = threading.Lock()
-
-
-def get_engine(
-    store: str | Path, cache_gb: float = 4.0, experts_per_token: int | None = None, **load_options: Any
-) -> FlashMoE:
-    """The shared engine of ``store`` with these load options, loaded on first use.
-
-    ``load_options`` are ``FlashMoE.load``'s keyword arguments (io_threads, page_cache, verify,
-    policy, prefill_step_size, prompt_cache_entries). The engine's errors come through unchanged:
-    ``StoreNotFoundError`` (a ``FileNotFoundError``) for a path without a store, ``ParameterError``
-    for a bad option.
-    """
-    path = find_store(store)
-    key = (str(path.resolve()), float(cache_gb), experts_per_token, tuple(sorted(load_options.items())))
-    with _ENGINES_LOCK:
-        engine = _ENGINES.get(key)
-        if engine is None:
-            engine = FlashMoE.load(
-                path, cache_gb=cache_gb, experts_per_token=experts_per_token, **load_options
-            )
-            _ENGINES[key] = engine
-    return engine
-
-
-def release_engines() -> None:
-    """Close and forget every shared engine (the next use loads them again)."""
-    with _ENGINES_LOCK:
-        engines = list(_ENGINES.values())
-        _ENGINES.clear()
-    for engine in engines:
-        with engine.lock:
-            engine.close()
-
-
-# ------------------------------------------------------------------------------------------------
-# LangChain messages -> engine messages
-# ------------------------------------------------------------------------------------------------
-
-
-def _content(content: str | list, *, assistant: bool = False) -> str | list:
-    """A message's content as the engine's: a string, or a list of content parts (text blocks as
-    ``{"type": "text", "text": ...}``; other blocks are passed on for the engine to refuse). An
-    assistant's tool-call and reasoning blocks are left out: they travel as ``tool_calls`` and
-    ``reasoning_content``."""
-    if isinstance(content, str):
-        return content
-    parts: list = []
-    for block in content:
-        kind = block.get("type") if isinstance(block, dict) else None
-        if isinstance(block, str):
-            parts.append({"type": "text", "text": block})
-        elif kind == "text":
-            parts.append({"type": "text", "text": block.get("text") or ""})
-        elif not (assistant and kind in _NON_TEXT_ASSISTANT_BLOCKS):
-            parts.append(block)
-    return parts
-
-
-def _reasoning(message: AIMessage) -> str | None:
-    reasoning = message.additional_kwargs.get("reasoning_content")
-    if reasoning:
-        return reasoning
-    if isinstance(message.content, list):
-        parts = [
-            b.get("reasoning") or ""
-            for b in message.content
-            if isinstance(b, dict) and b.get("type") == "reasoning"
-        ]
-        return "".join(parts) or None
-    return None
-
-
-def _assistant_message(message: AIMessage) -> dict:
-    out: dict[str, Any] = {"role": "assistant", "content": _content(message.content, assistant=True)}
-    calls = [
-        {"id": tc["id"], "type": "function", "function": {"name": tc["name"], "arguments": tc["args"]}}
-        for tc in message.tool_calls
-    ]
-    # A malformed call of an earlier turn is shown as the model wrote it, so that the tool
-    # message answering it (typically an error) still has its call.
-    calls += [
-        {
-            "id": tc["id"],
-            "type": "function",
-            "function": {"name": tc["name"] or "", "arguments": tc["args"] or "{}"},
-        }
-        for tc in message.invalid_tool_calls
-    ]
-    if calls:
-        out["tool_calls"] = calls
-    reasoning = _reasoning(message)
-    if reasoning:
-        out["reasoning_content"] = reasoning
-    return out
-
-
-def convert_messages(messages: Sequence[BaseMessage]) -> list[dict]:
-    """LangChain messages as the engine's OpenAI-style chat messages (one per message, in order,
-    so the engine's errors name the caller's message index)."""
-    out: list[dict] = []
-    for m in messages:
-        if isinstance(m, SystemMessage):
-            out.append({"role": "system", "content": _content(m.content)})
-        elif isinstance(m, HumanMessage):
-            out.append({"role": "user", "content": _content(m.content)})
-        elif isinstance(m, AIMessage):
-            out.append(_assistant_message(m))
-        elif isinstance(m, ToolMessage):
-            msg = {"role": "tool", "content": _content(m.content), "tool_call_id": m.tool_call_id}
-            if m.name:
-                msg["name"] = m.name
-            out.append(msg)
-        elif isinstance(m, ChatMessage):  # the engine refuses a role it does not know
-            role = {"human": "user", "ai": "assistant"}.get(m.role, m.role)
-            out.append({"role": role, "content": _content(m.content, assistant=role == "assistant")})
-        else:
-            raise TypeError(f"ChatFlashMoE cannot send a {type(m).__name__}")
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Request and result translation
-# ------------------------------------------------------------------------------------------------
-
-
-def _is_pydantic_class(obj: Any) -> bool:
-    return isinstance(obj, type) and is_basemodel_subclass(obj)
-
-
-def _engine_response_format(response_format: Any) -> Any:
-    """An OpenAI-style / LangChain response format as the engine takes it (``None``: free text)."""
-    if response_format is None:
-        return None
-    if isinstance(response_format, dict):
-        # {"type": "text"} is OpenAI's free text; json_schema / json_object dicts and JSON
-        # schemas are the engine's to read (and to refuse).
-        return None if response_format.get("type") == "text" else response_format
-    if _is_pydantic_class(response_format) and issubclass(response_format, BaseModel):
-        return response_format  # the engine parses into the model
-    if isinstance(response_format, type):
-        return convert_to_json_schema(response_format)  # TypedDict, Pydantic v1 model, ...
-    return response_format  # anything else: the engine says whether it is a format
-
-
-def _engine_tool_choice(tool_choice: Any) -> Any:
-    if tool_choice is True:
-        return "required"
-    if tool_choice is False:
-        return "auto"
-    return tool_choice
-
-
-def _check_tools(tools: list[dict], tool_choice: Any) -> None:
-    """Refuse bad tools and tool choices when they are bound rather than when first called, with
-    the engine's checks (``ToolError``).
-
-    Tools are checked one by one: a repeated name is left to the engine, which refuses it when the
-    tools are used (LangChain expects binding the same schema twice to succeed).
-    """
-    specs = {spec.name: spec for t in tools for spec in check_tools([t])[0]}
-    if tool_choice is not None:
-        check_tools(list(specs.values()), tool_choice)
-
-
-def _usage(result: GenerationResult) -> UsageMetadata:
-    stats = result.stats
-    input_tokens = len(result.prompt_token_ids) or stats.prompt_tokens
-    output_tokens = len(result.token_ids)
-    usage = UsageMetadata(
-        input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens
-    )
-    if stats.prompt_cached_tokens:
-        usage["input_token_details"] = {"cache_read": stats.prompt_cached_tokens}
-    return usage
-
-
-def _metadata(model: str, result: GenerationResult) -> dict:
-    return {
-        "model_name": model,
-        "model_provider": PROVIDER,
-        "finish_reason": result.finish_reason,
-        "stats": result.stats.to_dict(),
-    }
-
-
-def _calls(result: GenerationResult) -> tuple[list, list]:
-    calls = [tool_call(name=c.name, args=c.arguments, id=c.id) for c in result.tool_calls]
-    invalid = [
-        invalid_tool_call(name=c.name, args=c.arguments, id=c.id, error=c.error)
-        for c in result.invalid_tool_calls
-    ]
-    return calls, invalid
-
-
-def _additional_kwargs(result: GenerationResult) -> dict:
-    return {"reasoning_content": result.reasoning} if result.reasoning else {}
-
-
-def _message(model: str, result: GenerationResult) -> AIMessage:
-    calls, invalid = _calls(result)
-    return AIMessage(
-        content=result.text,
-        tool_calls=calls,
-        invalid_tool_calls=invalid,
-        additional_kwargs=_additional_kwargs(result),
-        response_metadata=_metadata(model, result),
-        usage_metadata=_usage(result),
-    )
-
-
-def _is_reasoning(chunk: Chunk) -> bool:
-    return getattr(chunk, "kind", "content") == "reasoning"
-
-
-def _chunk(chunk: Chunk) -> AIMessageChunk:
-    """A streamed piece: content, or reasoning (``additional_kwargs`` strings concatenate)."""
-    if _is_reasoning(chunk):
-        return AIMessageChunk(content="", additional_kwargs={"reasoning_content": chunk.text})
-    return AIMessageChunk(content=chunk.text)
-
-
-def _last_chunk(model: str, result: GenerationResult, streamed_reasoning: bool) -> AIMessageChunk:
-    """The closing chunk: tool calls, usage and metadata, once per response (and the reasoning,
-    when it was not streamed)."""
-    calls, invalid = _calls(result)
-    chunks = [
-        tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
-        for i, c in enumerate(calls)
-    ]
-    chunks += [
-        tool_call_chunk(name=c["name"], args=c["args"], id=c["id"], index=len(calls) + i)
-        for i, c in enumerate(invalid)
-    ]
-    return AIMessageChunk(
-        content="",
-        tool_call_chunks=chunks,
-        additional_kwargs={} if streamed_reasoning else _additional_kwargs(result),
-        response_metadata=_metadata(model, result),
-        usage_metadata=_usage(result),
-        chunk_position="last",
-    )
-
-
-def _check_complete(message: BaseMessage) -> BaseMessage:
-    if message.response_metadata.get("finish_reason") == "incomplete":
-        raise OutputParserException(
-            "the structured output is incomplete: generation stopped (max_tokens?) before the "
-            "structure was closed",
-            llm_output=message.content if isinstance(message.content, str) else None,
-        )
-    return message
-
-
-def _complete_only(messages: Iterator[BaseMessage]) -> Iterator[BaseMessage]:
-    for message in messages:
-        yield _check_complete(message)
-
-
-async def _acomplete_only(messages: AsyncIterator[BaseMessage]) -> AsyncIterator[BaseMessage]:
-    async for message in messages:
-        yield _check_complete(message)
-
-
-#: Passes messages (or streamed chunks) through, raising on an ``incomplete`` one: LangChain's JSON
-#: parsers would otherwise repair a cut-off structure into a plausible but truncated value.
-_COMPLETE_ONLY = RunnableGenerator(_complete_only, _acomplete_only, name="flashmoe_complete_only")
+#: The shared engine of a store and load options (``FlashMoE.shared``), and closing them all.
+get_engine = FlashMoE.shared
+release_engines = FlashMoE.release_shared
 
 # ------------------------------------------------------------------------------------------------
 # The chat model
@@ -409,16 +126,15 @@ class ChatFlashMoE(BaseChatModel):
 
     def _settings(self) -> dict[str, Any]:
         """This model's generation settings that are set, as the engine's keyword arguments."""
-        params = {f: getattr(self, f) for f in SETTING_NAMES if getattr(self, f) is not None}
-        if self.stop:
-            params["stop"] = list(self.stop)
-        return params
+        return chat.generation_settings(self)
 
     def _get_engine(self, model: str | None = None) -> FlashMoE:
         if model is not None and model != self.model:
-            return get_engine(model, self.cache_gb, self.experts_per_token, **self.load_options)
+            return FlashMoE.shared(model, self.cache_gb, self.experts_per_token, **self.load_options)
         if self._engine is None:
-            self._engine = get_engine(self.model, self.cache_gb, self.experts_per_token, **self.load_options)
+            self._engine = FlashMoE.shared(
+                self.model, self.cache_gb, self.experts_per_token, **self.load_options
+            )
         return self._engine
 
     @property
@@ -428,9 +144,7 @@ class ChatFlashMoE(BaseChatModel):
 
     def _resolve_model_profile(self) -> ModelProfile | None:
         engine = self._get_engine()
-        config = engine.config
-        text_config = config.get("text_config") or {}
-        context = config.get("max_position_embeddings") or text_config.get("max_position_embeddings")
+        context = engine.context_window
         template = engine.tokenizer.chat_template or ""
         profile = ModelProfile(
             open_weights=True,
@@ -500,9 +214,9 @@ class ChatFlashMoE(BaseChatModel):
         if not kwargs.get("tools"):
             kwargs.pop("tools", None)
         if "tool_choice" in kwargs:
-            kwargs["tool_choice"] = _engine_tool_choice(kwargs["tool_choice"])
+            kwargs["tool_choice"] = to_engine_tool_choice(kwargs["tool_choice"])
         if "response_format" in kwargs:
-            kwargs["response_format"] = _engine_response_format(kwargs["response_format"])
+            kwargs["response_format"] = to_engine_response_format(kwargs["response_format"])
             if kwargs["response_format"] is None:
                 del kwargs["response_format"]
         params.update(kwargs)
@@ -520,7 +234,7 @@ class ChatFlashMoE(BaseChatModel):
         engine, model, params = self._request(stop, kwargs)
         result = engine.generate(convert_messages(messages), **params)
         return ChatResult(
-            generations=[ChatGeneration(message=_message(model, result))], llm_output={"model_name": model}
+            generations=[ChatGeneration(message=ai_message(model, result))], llm_output={"model_name": model}
         )
 
     def _stream(
@@ -536,10 +250,10 @@ class ChatFlashMoE(BaseChatModel):
         try:
             for item in items:
                 if isinstance(item, GenerationResult):
-                    yield ChatGenerationChunk(message=_last_chunk(model, item, streamed_reasoning))
+                    yield ChatGenerationChunk(message=last_chunk(model, item, streamed_reasoning))
                 elif item.text:
-                    streamed_reasoning |= _is_reasoning(item)
-                    yield ChatGenerationChunk(message=_chunk(item))
+                    streamed_reasoning |= is_reasoning(item)
+                    yield ChatGenerationChunk(message=ai_message_chunk(item))
         finally:
             items.close()
 
@@ -558,7 +272,7 @@ class ChatFlashMoE(BaseChatModel):
         if result is None:  # pragma: no cover - the engine always ends with a result
             raise RuntimeError("generation ended without a result")
         return ChatResult(
-            generations=[ChatGeneration(message=_message(model, result))], llm_output={"model_name": model}
+            generations=[ChatGeneration(message=ai_message(model, result))], llm_output={"model_name": model}
         )
 
     async def _astream(
@@ -572,10 +286,10 @@ class ChatFlashMoE(BaseChatModel):
         streamed_reasoning = False
         async for item in engine.astream(convert_messages(messages), **params):
             if isinstance(item, GenerationResult):
-                yield ChatGenerationChunk(message=_last_chunk(model, item, streamed_reasoning))
+                yield ChatGenerationChunk(message=last_chunk(model, item, streamed_reasoning))
             elif item.text:
-                streamed_reasoning |= _is_reasoning(item)
-                yield ChatGenerationChunk(message=_chunk(item))
+                streamed_reasoning |= is_reasoning(item)
+                yield ChatGenerationChunk(message=ai_message_chunk(item))
 
     # -- tools and structured output -------------------------------------------------------------
 
@@ -600,9 +314,9 @@ class ChatFlashMoE(BaseChatModel):
             ValueError: a tool without a usable JSON schema, or a ``tool_choice`` naming no tool.
         """
         formatted = [convert_to_openai_tool(t) for t in tools]
-        choice = _engine_tool_choice(tool_choice)
+        choice = to_engine_tool_choice(tool_choice)
         if formatted or choice is not None:
-            _check_tools(formatted, choice)
+            chat.check_bound_tools(formatted, choice)
         return super().bind(tools=formatted, tool_choice=choice, **kwargs)
 
     def with_structured_output(
@@ -629,7 +343,7 @@ class ChatFlashMoE(BaseChatModel):
         """
         if kwargs:
             raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
-        is_pydantic = _is_pydantic_class(schema)
+        is_pydantic = is_pydantic_class(schema)
         ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
         if method == "function_calling":
             if schema is None:
@@ -645,7 +359,7 @@ class ChatFlashMoE(BaseChatModel):
             if method == "json_schema":
                 if schema is None:
                     raise ValueError("method='json_schema' needs a schema")
-                response_format = _engine_response_format(schema)
+                response_format = to_engine_response_format(schema)
                 check_response_format(response_format)  # refuse a bad schema now, as the engine would
             else:
                 response_format = {"type": "json_object"}
@@ -660,7 +374,7 @@ class ChatFlashMoE(BaseChatModel):
             raise ValueError(
                 f"unknown method {method!r}; expected 'json_schema', 'function_calling' or 'json_mode'"
             )
-        parser = _COMPLETE_ONLY | parser
+        parser = COMPLETE_ONLY | parser
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)

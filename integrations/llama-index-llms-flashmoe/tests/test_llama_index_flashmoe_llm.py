@@ -35,6 +35,7 @@ from llama_index.llms.flashmoe import FlashMoE
 from llama_index.llms.flashmoe.base import load_engine, release_engines, to_engine_messages
 
 from flashmoe_backend import StoreError
+from tests.fixtures.front_ends import ticks_while
 
 USER = [ChatMessage(role=MessageRole.USER, content="Tell me about experts.")]
 
@@ -183,21 +184,10 @@ async def test_async_chat_and_complete(llm):
 @pytest.mark.asyncio
 async def test_async_streaming_never_blocks_the_loop(make_llm):
     llm = make_llm(max_tokens=48)
-    ticks = 0
-    done = asyncio.Event()
+    async def collect():
+        return [c.delta async for c in await llm.astream_chat(USER)]
 
-    async def ticker():
-        nonlocal ticks
-        while not done.is_set():
-            ticks += 1
-            await asyncio.sleep(0.002)
-
-    task = asyncio.create_task(ticker())
-    start = time.perf_counter()
-    pieces = [c.delta async for c in await llm.astream_chat(USER)]
-    elapsed = time.perf_counter() - start
-    done.set()
-    await task
+    pieces, ticks, elapsed = await ticks_while(collect(), 0.002)
     assert len(pieces) > 1
     # The loop kept running during generation: the ticker ran throughout.
     assert ticks >= max(3, int(elapsed / 0.002 / 10))

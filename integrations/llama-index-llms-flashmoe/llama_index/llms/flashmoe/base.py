@@ -5,9 +5,11 @@ from disk. This module only translates: LlamaIndex messages and tools to the eng
 chat messages and tool specs, and the engine's results (content, reasoning, tool calls, parsed
 structured output, statistics) back to ``ChatResponse`` / ``CompletionResponse``.
 
-* Engines are shared: every ``FlashMoE`` with the same store path and load options uses one
-  engine (see :func:`load_engine`), and the engine serialises generations with its own lock, so
-  any number of LLM objects, threads and event loops can use it at once.
+* Engines are shared: every ``FlashMoE`` with the same store and load options uses one engine
+  (``flashmoe_backend.FlashMoE.shared``, here also :func:`load_engine`), and the engine
+  serialises generations with its own lock, so any number of LLM objects, threads and event
+  loops can use it at once. The glue every front end shares (settings, tool calls, usage) is
+  ``flashmoe_backend.chat``'s; the translation helpers are in ``_utils``.
 * Async calls run the engine's iterator in a worker thread and hand its pieces to the event loop
   through an ``asyncio.Queue``; the loop is never blocked, and abandoning an async stream stops
   the generation at the next piece.
@@ -18,15 +20,11 @@ structured output, statistics) back to ``ChatResponse`` / ``CompletionResponse``
 from __future__ import annotations
 
 import copy
-import json
-import threading
 from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
-    AudioBlock,
-    CachePoint,
     ChatMessage,
     ChatResponse,
     ChatResponseAsyncGen,
@@ -34,14 +32,9 @@ from llama_index.core.base.llms.types import (
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
-    DocumentBlock,
-    ImageBlock,
     LLMMetadata,
     MessageRole,
-    TextBlock,
-    ThinkingBlock,
     ToolCallBlock,
-    VideoBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW, DEFAULT_NUM_OUTPUTS
@@ -55,295 +48,30 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
 from llama_index.core.prompts import BasePromptTemplate
 from llama_index.core.types import Model, PydanticProgramMode
+from llama_index.llms.flashmoe._utils import (
+    StreamAccumulator,
+    chat_response,
+    completion_response,
+    legacy_tool_calls,
+    to_engine_messages,
+    to_engine_tool,
+)
 
-from flashmoe_backend import Chunk, GenerationResult
+from flashmoe_backend import Chunk, GenerationResult, chat
 from flashmoe_backend import FlashMoE as Engine
-from flashmoe_backend.generation.params import SETTING_NAMES
-from flashmoe_backend.store.source import find_store
 
 if TYPE_CHECKING:
     from llama_index.core.program.utils import FlexibleModel
     from llama_index.core.tools.types import BaseTool
 
+__all__ = ["FlashMoE", "load_engine", "release_engines", "to_engine_messages", "to_engine_tool"]
+
 dispatcher = get_dispatcher(__name__)
 
-# ---------------------------------------------------------------------------------------------
-# Shared engines
-# ---------------------------------------------------------------------------------------------
-
-_ENGINES: dict[tuple, Engine] = {}
-_ENGINES_LOCK = threading.Lock()
-
-
-def _engine_key(
-    path: Path, cache_gb: float, experts_per_token: int | None, load_kwargs: dict[str, Any]
-) -> tuple:
-    return (str(path.resolve()), float(cache_gb), experts_per_token, tuple(sorted(load_kwargs.items())))
-
-
-def load_engine(
-    model: str | Path, cache_gb: float = 4.0, experts_per_token: int | None = None, **load_kwargs: Any
-) -> Engine:
-    """The engine of a store, loaded once per (store path, load options) and shared.
-
-    ``load_kwargs`` are the other keyword arguments of ``flashmoe_backend.FlashMoE.load``
-    (``io_threads``, ``page_cache``, ``verify``, ``policy``, ``prefill_step_size``,
-    ``prompt_cache_entries``). The engine's errors come through unchanged:
-    ``StoreNotFoundError`` (a ``FileNotFoundError`` and a ``StoreError``) for a path without a
-    store, ``ParameterError`` for a bad option.
-    """
-    path = find_store(model)
-    key = _engine_key(path, cache_gb, experts_per_token, load_kwargs)
-    with _ENGINES_LOCK:
-        engine = _ENGINES.get(key)
-        if engine is None:
-            engine = Engine.load(path, cache_gb=cache_gb, experts_per_token=experts_per_token, **load_kwargs)
-            _ENGINES[key] = engine
-        return engine
-
-
-def release_engines() -> None:
-    """Close and forget every shared engine (after the generation in progress, if any). LLM
-    objects made before cannot generate any more; new ones load their engine again."""
-    with _ENGINES_LOCK:
-        engines = list(_ENGINES.values())
-        _ENGINES.clear()
-    for engine in engines:
-        with engine.lock:
-            engine.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# LlamaIndex -> engine
-# ---------------------------------------------------------------------------------------------
-
-_ROLES = {
-    MessageRole.SYSTEM: "system",
-    MessageRole.DEVELOPER: "system",
-    MessageRole.USER: "user",
-    MessageRole.ASSISTANT: "assistant",
-    MessageRole.CHATBOT: "assistant",
-    MessageRole.MODEL: "assistant",
-    MessageRole.TOOL: "tool",
-    MessageRole.FUNCTION: "tool",
-}
-_MEDIA_BLOCKS = (ImageBlock, AudioBlock, VideoBlock, DocumentBlock)
-
-
-def _arguments_dict(arguments: Any) -> Any:
-    """Tool-call arguments as a dict where they can be read as one (JSON text is parsed)."""
-    if isinstance(arguments, str):
-        try:
-            parsed = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
-            return arguments
-        return parsed if isinstance(parsed, dict) else arguments
-    return dict(arguments) if arguments is not None else {}
-
-
-def _legacy_tool_call(call: Any) -> dict:
-    """An OpenAI-style tool call (dict or SDK object) from ``additional_kwargs['tool_calls']``."""
-    if not isinstance(call, dict):
-        call = call.model_dump() if hasattr(call, "model_dump") else dict(vars(call))
-    fn = call.get("function") or {}
-    return {
-        "id": call.get("id") or fn.get("name"),
-        "type": "function",
-        "function": {"name": fn.get("name"), "arguments": _arguments_dict(fn.get("arguments"))},
-    }
-
-
-def to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict]:
-    """LlamaIndex chat messages as the engine's OpenAI-style message dicts.
-
-    Text blocks become ``content``, ``ThinkingBlock``s ``reasoning_content``, ``ToolCallBlock``s
-    (or legacy ``additional_kwargs['tool_calls']``) ``tool_calls``; tool results carry
-    ``tool_call_id`` and the tool's ``name`` (looked up from the call when not given). Images,
-    audio, video and documents become content parts of their type, which the engine refuses
-    (``PromptError``: it takes text only).
-    """
-    out: list[dict] = []
-    call_names: dict[str, str] = {}
-    for i, message in enumerate(messages):
-        role = _ROLES.get(message.role)
-        if role is None:  # pragma: no cover - every MessageRole is mapped
-            raise ValueError(f"message #{i}: unsupported role {message.role!r}")
-        texts: list[str] = []
-        media: list[dict] = []
-        thinking: list[str] = []
-        calls: list[dict] = []
-        for block in message.blocks:
-            if isinstance(block, TextBlock):
-                texts.append(block.text)
-            elif isinstance(block, ThinkingBlock):
-                if block.content:
-                    thinking.append(block.content)
-            elif isinstance(block, ToolCallBlock):
-                calls.append(
-                    {
-                        "id": block.tool_call_id or block.tool_name,
-                        "type": "function",
-                        "function": {
-                            "name": block.tool_name,
-                            "arguments": _arguments_dict(block.tool_kwargs),
-                        },
-                    }
-                )
-            elif isinstance(block, _MEDIA_BLOCKS):
-                media.append({"type": block.block_type})
-            elif isinstance(block, CachePoint):
-                continue
-        if not calls and message.additional_kwargs.get("tool_calls"):
-            calls = [_legacy_tool_call(c) for c in message.additional_kwargs["tool_calls"]]
-        content: str | list[dict] = "\n".join(texts)
-        if media:  # the engine names the part it cannot take
-            content = [{"type": "text", "text": content}, *media]
-        entry: dict[str, Any] = {"role": role, "content": content}
-        if role == "assistant":
-            if thinking:
-                entry["reasoning_content"] = "\n".join(thinking)
-            if calls:
-                entry["tool_calls"] = calls
-                call_names.update((c["id"], c["function"]["name"]) for c in calls)
-        elif role == "tool":
-            call_id = message.additional_kwargs.get("tool_call_id")
-            if call_id is not None:
-                entry["tool_call_id"] = call_id
-            name = message.additional_kwargs.get("name") or call_names.get(call_id)
-            if name:
-                entry["name"] = name
-        out.append(entry)
-    return out
-
-
-def to_engine_tool(tool: Any) -> dict:
-    """A LlamaIndex tool (anything with ``.metadata.to_openai_tool()``) as an OpenAI-style tool
-    dict; dicts and Pydantic model classes pass through for the engine to validate."""
-    metadata = getattr(tool, "metadata", None)
-    if metadata is not None and hasattr(metadata, "to_openai_tool"):
-        return metadata.to_openai_tool(skip_length_check=True)
-    return tool
-
-
-# ---------------------------------------------------------------------------------------------
-# engine -> LlamaIndex
-# ---------------------------------------------------------------------------------------------
-
-
-def _usage(result: GenerationResult) -> dict[str, int]:
-    prompt = result.stats.prompt_tokens or len(result.prompt_token_ids)
-    completion = result.stats.generated_tokens or len(result.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _raw(result: GenerationResult, model: str) -> dict[str, Any]:
-    """What the engine said besides the message: usage (for ``TokenCountingHandler``), finish
-    reason, the engine's statistics of this generation, and the parsed structured output."""
-    return {
-        "model": model,
-        "finish_reason": result.finish_reason,
-        "usage": _usage(result),
-        "stats": result.stats.to_dict(),
-        "parsed": result.parsed,
-        "raw_text": result.raw_text,
-    }
-
-
-def _tool_call_blocks(result: GenerationResult) -> list[ToolCallBlock]:
-    return [
-        ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=dict(c.arguments))
-        for c in result.tool_calls
-    ]
-
-
-def _invalid_tool_calls(result: GenerationResult) -> list[dict]:
-    return [
-        {"id": c.id, "name": c.name, "arguments": c.arguments, "error": c.error}
-        for c in result.invalid_tool_calls
-    ]
-
-
-def _message(result: GenerationResult) -> ChatMessage:
-    blocks: list[Any] = []
-    if result.reasoning:
-        blocks.append(ThinkingBlock(content=result.reasoning))
-    if result.text or not (result.reasoning or result.tool_calls):
-        blocks.append(TextBlock(text=result.text))
-    blocks.extend(_tool_call_blocks(result))
-    additional: dict[str, Any] = {}
-    invalid = _invalid_tool_calls(result)
-    if invalid:
-        additional["invalid_tool_calls"] = invalid
-    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=additional)
-
-
-def _chat_response(result: GenerationResult, model: str) -> ChatResponse:
-    return ChatResponse(message=_message(result), raw=_raw(result, model))
-
-
-def _completion_response(result: GenerationResult, model: str) -> CompletionResponse:
-    additional: dict[str, Any] = {}
-    if result.reasoning:
-        additional["thinking"] = result.reasoning
-    if result.tool_calls:
-        additional["tool_calls"] = [b.model_dump() for b in _tool_call_blocks(result)]
-    return CompletionResponse(text=result.text, raw=_raw(result, model), additional_kwargs=additional)
-
-
-class _Accumulator:
-    """Turns the engine's stream (``Chunk``s of content or reasoning, then the result) into
-    LlamaIndex responses: each holds the text so far and its ``delta``; reasoning arrives as
-    ``additional_kwargs["thinking_delta"]`` (with an empty ``delta``) and as a ``ThinkingBlock``.
-    The last response is the whole result, with usage and statistics, and an empty delta."""
-
-    def __init__(self, model: str):
-        self.model = model
-        self.content = ""
-        self.reasoning = ""
-
-    def _feed(self, chunk: Chunk) -> tuple[str, dict[str, Any]]:
-        if getattr(chunk, "kind", "content") == "reasoning":
-            self.reasoning += chunk.text
-            return "", {"thinking_delta": chunk.text}
-        self.content += chunk.text
-        return chunk.text, {}
-
-    def _final_extra(self, result: GenerationResult) -> dict[str, Any]:
-        # Reasoning that was not streamed (none was) is handed over with the last response.
-        if result.reasoning and not self.reasoning:
-            return {"thinking_delta": result.reasoning}
-        return {}
-
-    def _raw(self, chunk: Chunk) -> dict[str, Any]:
-        return {"model": self.model, "token_ids": list(chunk.token_ids)}
-
-    def chat(self, item: Chunk | GenerationResult) -> ChatResponse:
-        if isinstance(item, GenerationResult):
-            response = _chat_response(item, self.model)
-            response.delta = ""
-            response.additional_kwargs.update(self._final_extra(item))
-            return response
-        delta, extra = self._feed(item)
-        blocks: list[Any] = [ThinkingBlock(content=self.reasoning)] if self.reasoning else []
-        blocks.append(TextBlock(text=self.content))
-        return ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks),
-            delta=delta,
-            raw=self._raw(item),
-            additional_kwargs=extra,
-        )
-
-    def completion(self, item: Chunk | GenerationResult) -> CompletionResponse:
-        if isinstance(item, GenerationResult):
-            response = _completion_response(item, self.model)
-            response.delta = ""
-            response.additional_kwargs.update(self._final_extra(item))
-            return response
-        delta, extra = self._feed(item)
-        return CompletionResponse(
-            text=self.content, delta=delta, raw=self._raw(item), additional_kwargs=extra
-        )
-
+#: The shared engine of a store and load options (``Engine.shared``), and closing them all (LLM
+#: objects made before cannot generate any more; new ones load their engine again).
+load_engine = Engine.shared
+release_engines = Engine.release_shared
 
 # ---------------------------------------------------------------------------------------------
 # The LLM
@@ -438,7 +166,7 @@ class FlashMoE(FunctionCallingLLM):
         self._shared = _Shared(
             engine
             if engine is not None
-            else load_engine(self.model, self.cache_gb, self.experts_per_token, **self.load_kwargs)
+            else Engine.shared(self.model, self.cache_gb, self.experts_per_token, **self.load_kwargs)
         )
         self.engine.generation_params(**self._settings())  # the engine's checks, now
 
@@ -461,33 +189,18 @@ class FlashMoE(FunctionCallingLLM):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            context_window=self.context_window or self._model_context_window(),
+            context_window=self.context_window or self.engine.context_window or DEFAULT_CONTEXT_WINDOW,
             num_output=self.max_tokens or self.engine.generation_params().max_tokens or DEFAULT_NUM_OUTPUTS,
             is_chat_model=True,
             is_function_calling_model=self.is_function_calling_model,
             model_name=self.model,
         )
 
-    def _model_context_window(self) -> int:
-        config = self.engine.config or {}
-        for section in (config, config.get("text_config") or {}):
-            value = section.get("max_position_embeddings")
-            if isinstance(value, int) and value > 0:
-                return value
-        return DEFAULT_CONTEXT_WINDOW
-
     # -- generation arguments ----------------------------------------------------------------
 
     def _settings(self) -> dict[str, Any]:
         """This LLM's generation settings that are set (the others are the store's defaults)."""
-        out: dict[str, Any] = {}
-        for name in SETTING_NAMES:
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        if self.stop:
-            out["stop"] = list(self.stop)
-        return out
+        return chat.generation_settings(self)
 
     def _generation_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The engine's keyword arguments: this LLM's settings, then ``additional_kwargs``, then
@@ -541,14 +254,14 @@ class FlashMoE(FunctionCallingLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         result = self._generate(to_engine_messages(messages), kwargs)
-        return _chat_response(result, self.model)
+        return chat_response(result, self.model)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         prompt = to_engine_messages(messages)
 
         def gen() -> ChatResponseGen:
-            acc = _Accumulator(self.model)
+            acc = StreamAccumulator(self.model)
             for item in self._stream(prompt, kwargs):
                 yield acc.chat(item)
 
@@ -557,14 +270,14 @@ class FlashMoE(FunctionCallingLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         result = await self._agenerate(to_engine_messages(messages), kwargs)
-        return _chat_response(result, self.model)
+        return chat_response(result, self.model)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         prompt = to_engine_messages(messages)
 
         async def gen() -> ChatResponseAsyncGen:
-            acc = _Accumulator(self.model)
+            acc = StreamAccumulator(self.model)
             stream = self._astream(prompt, kwargs)
             try:
                 async for item in stream:
@@ -579,14 +292,14 @@ class FlashMoE(FunctionCallingLLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         result = self._generate(self._completion_prompt(prompt, formatted), kwargs)
-        return _completion_response(result, self.model)
+        return completion_response(result, self.model)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         engine_prompt = self._completion_prompt(prompt, formatted)
 
         def gen() -> CompletionResponseGen:
-            acc = _Accumulator(self.model)
+            acc = StreamAccumulator(self.model)
             for item in self._stream(engine_prompt, kwargs):
                 yield acc.completion(item)
 
@@ -595,7 +308,7 @@ class FlashMoE(FunctionCallingLLM):
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         result = await self._agenerate(self._completion_prompt(prompt, formatted), kwargs)
-        return _completion_response(result, self.model)
+        return completion_response(result, self.model)
 
     @llm_completion_callback()
     async def astream_complete(
@@ -604,7 +317,7 @@ class FlashMoE(FunctionCallingLLM):
         engine_prompt = self._completion_prompt(prompt, formatted)
 
         async def gen() -> CompletionResponseAsyncGen:
-            acc = _Accumulator(self.model)
+            acc = StreamAccumulator(self.model)
             stream = self._astream(engine_prompt, kwargs)
             try:
                 async for item in stream:
@@ -682,14 +395,13 @@ class FlashMoE(FunctionCallingLLM):
             ToolSelection(
                 tool_id=b.tool_call_id or b.tool_name,
                 tool_name=b.tool_name,
-                tool_kwargs=_arguments_dict(b.tool_kwargs),
+                tool_kwargs=chat.engine_arguments(b.tool_kwargs),
             )
             for b in response.message.blocks
             if isinstance(b, ToolCallBlock)
         ]
         if not selections and response.message.additional_kwargs.get("tool_calls"):
-            for call in response.message.additional_kwargs["tool_calls"]:
-                call = _legacy_tool_call(call)
+            for call in legacy_tool_calls(response.message.additional_kwargs["tool_calls"]):
                 selections.append(
                     ToolSelection(
                         tool_id=call["id"],
@@ -824,6 +536,3 @@ class FlashMoE(FunctionCallingLLM):
                 yield current
 
         return gen()
-
-
-__all__ = ["FlashMoE", "load_engine", "release_engines", "to_engine_messages", "to_engine_tool"]

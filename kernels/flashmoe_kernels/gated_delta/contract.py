@@ -1,4 +1,4 @@
-"""The contract shared by the GatedDeltaNet recurrences of this package.
+"""The contract shared by the GatedDeltaNet recurrences of this subpackage.
 
 The recurrence, per batch row and value head (state ``S`` is ``[Dv, Dk]``; value head ``h`` reads
 key head ``h // (Hv // Hk)``)::
@@ -12,11 +12,15 @@ y ``[B, T, Hv, Dv]`` in q's dtype, state float32. A masked token (mask False) le
 untouched (no decay, no update) and gets y = 0, as in mlx-lm's Metal kernel. (``gated_delta_ops``
 keeps the state too, but returns the read-out of the update it then discards; callers ignore y
 at padded positions.)
+
+:func:`make_inputs` builds random inputs that keep the contract and look like a model's, for
+tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+from mlx_lm.models.gated_delta import compute_g
 
 
 def check_shapes(
@@ -47,3 +51,24 @@ def check_shapes(
         raise ValueError(f"mask must be [B, T] = {(B, T)}; got {mask.shape}")
     return B, T, Hk, Dk, Hv, Dv
 
+
+
+def make_inputs(B: int, T: int, Hk: int, Hv: int, Dk: int, Dv: int, seed: int = 0,
+                dtype: mx.Dtype = mx.float32) -> tuple[mx.array, ...]:
+    """Random ``(q, k, v, g, beta, state)``, evaluated, distributed as a model passes them: k of
+    unit norm and q of norm ``Dk**-0.5`` (mlx-lm's ``normalize_qk``), g from mlx-lm's
+    ``compute_g``, beta a sigmoid, a small random state; q, k, v in ``dtype``, the gates and the
+    state float32."""
+    mx.random.seed(seed)
+    q = mx.random.normal((B, T, Hk, Dk))
+    k = mx.random.normal((B, T, Hk, Dk))
+    q = (q / mx.linalg.norm(q, axis=-1, keepdims=True) * Dk**-0.5).astype(dtype)
+    k = (k / mx.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+    v = mx.random.normal((B, T, Hv, Dv)).astype(dtype)
+    a = mx.random.normal((B, T, Hv))
+    A_log = mx.log(mx.random.uniform(1.0, 16.0, (Hv,)))
+    g = compute_g(A_log, a, mx.ones((Hv,)))
+    beta = mx.sigmoid(mx.random.normal((B, T, Hv)))
+    state = 0.1 * mx.random.normal((B, Hv, Dv, Dk))
+    mx.eval(q, k, v, g, beta, state)
+    return q, k, v, g, beta, state

@@ -1,13 +1,13 @@
 """The gated delta rule in chunked ("WY") form, with plain MLX ops: inside a chunk of C tokens
 everything is matmuls, and only T / C steps are sequential. mlx-lm's CPU path is a loop of T
-one-token steps. The contract: :mod:`.gated_delta_contract`.
+one-token steps. The contract: :mod:`.contract`.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from flashmoe_backend.kernels.gated_delta_contract import check_shapes
+from .contract import check_shapes
 
 # log(g) is clamped here so that a gate that underflowed to 0 gives a finite log. exp(-200) is
 # already 0 in float32 (the smallest subnormal is exp(-103.3)), so the clamp changes no result.

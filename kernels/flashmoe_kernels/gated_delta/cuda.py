@@ -1,6 +1,6 @@
 """The gated delta rule as a CUDA kernel (``mx.fast.cuda_kernel``): one warp per value row, the
 loop over tokens inside the kernel. mlx-lm's CUDA path is a loop of T one-token steps. The
-contract: :mod:`.gated_delta_contract`.
+contract: :mod:`.contract`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from functools import cache
 
 import mlx.core as mx
 
-from flashmoe_backend.kernels.gated_delta_contract import check_shapes
+from .contract import check_shapes
 
 # Helpers placed before the kernel (after MLX's default header, which includes cuda_fp16.h and
 # cuda_bf16.h). Conversions go through the documented intrinsics rather than relying on the

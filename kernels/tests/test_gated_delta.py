@@ -1,4 +1,9 @@
-"""Tests of flashmoe_backend.kernels against plain-MLX references (mlx-lm's own ops paths).
+"""Tests of flashmoe_kernels.gated_delta against plain-MLX references (mlx-lm's own ops paths).
+
+Every test runs on the CPU (the ``_cpu_default_device`` fixture), whatever the machine, except
+the CUDA kernel's own run (``test_cuda_kernel_matches_ops``), which puts it on the GPU. The CUDA
+tests all have ``cuda`` in their names (``pytest -k cuda``); those that need a GPU, nvcc or g++
+skip without one.
 
 Tolerances. Everything runs in float32 and compares two evaluation orders of the same sums
 (sequential per token in mlx-lm's ``gated_delta_ops``, matmuls over chunks here), each with
@@ -16,16 +21,24 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import flashmoe_kernels.gated_delta.chunked as chunked_mod
+import flashmoe_kernels.gated_delta.cuda as cuda_mod
+import flashmoe_kernels.gated_delta.dispatch as gd
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models import gated_delta as mlx_gd
 
-import flashmoe_backend.kernels.gated_delta as gd
-import flashmoe_backend.kernels.gated_delta_chunked as chunked_mod
-import flashmoe_backend.kernels.gated_delta_cuda as cuda_mod
-
 CUDA = mx.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _cpu_default_device():
+    """The CPU as the default device for the test (the CPU paths are what these tests check)."""
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)
 
 
 def _assert_close(x: mx.array, ref: mx.array, rel: float = 1e-5, where: mx.array | None = None) -> None:
@@ -570,9 +583,9 @@ def test_cuda_kernel_source_emulated_on_cpu(cuda_source_builds):
 def test_cuda_kernel_matches_ops(B, T, Hk, Hv, Dk, Dv, dtype, masked):
     x = _inputs(B, T, Hk, Hv, Dk, Dv, dtype=dtype, seed=T)
     mask = (mx.random.uniform(shape=(B, T)) > 0.25) if masked else None
-    with mx.stream(mx.cpu):
-        y_ref, s_ref = mlx_gd.gated_delta_ops(*_kernel_args(x), mask)
-    y, s = gd.gated_delta_cuda(*_kernel_args(x), mask)
+    y_ref, s_ref = mlx_gd.gated_delta_ops(*_kernel_args(x), mask)
+    with mx.stream(mx.gpu):
+        y, s = gd.gated_delta_cuda(*_kernel_args(x), mask)
     assert y.dtype == dtype and s.dtype == mx.float32
     rel = {mx.float32: 1e-5, mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}[dtype]
     _assert_close(s, s_ref)
@@ -580,12 +593,3 @@ def test_cuda_kernel_matches_ops(B, T, Hk, Hv, Dk, Dv, dtype, masked):
     if mask is not None:
         assert float(mx.abs(mx.where(mask[..., None, None], 0.0, y.astype(mx.float32))).max()) == 0.0
 
-
-def test_engine_load_installs_the_fast_recurrence(uninstalled):
-    from mlx_lm.models import qwen3_5
-
-    from flashmoe_backend import FlashMoE
-    from flashmoe_backend.store.source import default_store
-
-    FlashMoE.load(default_store(), cache_gb=0.01)
-    assert qwen3_5.gated_delta_update is gd.gated_delta_update_fast

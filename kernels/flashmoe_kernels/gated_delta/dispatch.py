@@ -11,15 +11,15 @@ of T compiled one-token steps, i.e. 2,048 dependent steps per layer for a 2,048-
 
   - ``use_kernel=False`` (training): mlx-lm's ``gated_delta_ops``, as mlx-lm does;
   - Metal GPU, Dk a multiple of 32: mlx-lm's own ``gated_delta_kernel``;
-  - CUDA GPU, scalar gates, Dk a multiple of 32: :func:`~.gated_delta_cuda.gated_delta_cuda`;
-  - otherwise (CPU): :func:`~.gated_delta_chunked.gated_delta_chunked` for T > 1 with scalar
+  - CUDA GPU, scalar gates, Dk a multiple of 32: :func:`~.cuda.gated_delta_cuda`;
+  - otherwise (CPU): :func:`~.chunked.gated_delta_chunked` for T > 1 with scalar
     gates, else ``gated_delta_ops`` (one decode step is already a single compiled call).
 
 * :func:`install_fast_gated_delta` / :func:`uninstall_fast_gated_delta` /
   :func:`fast_gated_delta` route mlx-lm's ``qwen3_5`` (hence ``qwen3_5_moe``) and ``qwen3_next``
   models through :func:`gated_delta_update_fast`.
 
-The shared contract (shapes, dtypes, masks): :mod:`.gated_delta_contract`.
+The shared contract (shapes, dtypes, masks): :mod:`.contract`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable, Iterator
 import mlx.core as mx
 from mlx_lm.models import gated_delta as _mlx_gd
 
-from flashmoe_backend.kernels.gated_delta_chunked import gated_delta_chunked
-from flashmoe_backend.kernels.gated_delta_cuda import cuda_available, gated_delta_cuda
+from .chunked import gated_delta_chunked
+from .cuda import cuda_available, gated_delta_cuda
 
 __all__ = [
     "fast_gated_delta",

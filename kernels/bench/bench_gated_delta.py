@@ -2,15 +2,16 @@
 """GatedDeltaNet recurrence: mlx-lm's ops loop against flashmoe's chunked form (and CUDA kernel).
 
 Times ``mlx_lm.models.gated_delta.gated_delta_ops`` (the Python loop of T one-token steps that
-mlx-lm uses off Apple GPUs) against ``flashmoe_backend.kernels.gated_delta.gated_delta_chunked``
+mlx-lm uses off Apple GPUs) against ``flashmoe_kernels.gated_delta.gated_delta_chunked``
 for several prompt lengths, at a small head config and at Qwen3.5-397B's (Hk=16, Hv=64,
 Dk=Dv=128). When the default device is a CUDA GPU it adds ``gated_delta_cuda``. Inputs are
 realistic: q and k L2-normalized as mlx-lm's ``normalize_qk`` does, g from mlx-lm's
-``compute_g``, beta = sigmoid, a random initial state. Each cell is the median of ``--repeats``
+``compute_g``, beta = sigmoid, a random initial state
+(``flashmoe_kernels.gated_delta.make_inputs``). Each cell is the median of ``--repeats``
 runs after ``--warmup``, synchronized with ``mx.eval``; the max abs differences are against the
 ops path.
 
-    python bench/bench_gated_delta.py [--json results.json] [--lengths 64 512 2048]
+    python kernels/bench/bench_gated_delta.py [--json results.json] [--lengths 64 512 2048]
 
 Prints a markdown table; ``--json PATH`` also writes the rows.
 """
@@ -26,39 +27,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import engine_only  # noqa: E402, F401  (first: flashmoe_backend without its package extras)
-import mlx.core as mx  # noqa: E402
-from mlx_lm.models.gated_delta import compute_g, gated_delta_ops  # noqa: E402
-
-from flashmoe_backend.kernels.gated_delta import CPU_CHUNK  # noqa: E402
-from flashmoe_backend.kernels.gated_delta_chunked import gated_delta_chunked  # noqa: E402
-from flashmoe_backend.kernels.gated_delta_cuda import cuda_available, gated_delta_cuda  # noqa: E402
+import mlx.core as mx
+from flashmoe_kernels.gated_delta import (
+    CPU_CHUNK,
+    cuda_available,
+    gated_delta_chunked,
+    gated_delta_cuda,
+    make_inputs,
+)
+from mlx_lm.models.gated_delta import gated_delta_ops
 
 # name: (B, Hk, Hv, Dk, Dv)
 CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "small": (1, 4, 8, 64, 64),
     "qwen3.5-397b": (1, 16, 64, 128, 128),
 }
-
-
-def make_inputs(B: int, T: int, Hk: int, Hv: int, Dk: int, Dv: int, seed: int = 0,
-                dtype: mx.Dtype = mx.float32) -> tuple:
-    """Realistic inputs: unit-norm k, q scaled by Dk**-0.5, mlx-lm's gate formula; q, k, v in
-    ``dtype``, the gates and the state float32 (as the models pass them)."""
-    mx.random.seed(seed)
-    q = mx.random.normal((B, T, Hk, Dk))
-    k = mx.random.normal((B, T, Hk, Dk))
-    q = (q / mx.linalg.norm(q, axis=-1, keepdims=True) * Dk**-0.5).astype(dtype)
-    k = (k / mx.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
-    v = mx.random.normal((B, T, Hv, Dv)).astype(dtype)
-    a = mx.random.normal((B, T, Hv))
-    A_log = mx.log(mx.random.uniform(1.0, 16.0, (Hv,)))
-    g = compute_g(A_log, a, mx.ones((Hv,)))
-    beta = mx.sigmoid(mx.random.normal((B, T, Hv)))
-    state = 0.1 * mx.random.normal((B, Hv, Dv, Dk))
-    mx.eval(q, k, v, g, beta, state)
-    return q, k, v, g, beta, state
 
 
 def time_it(fn: Callable[[], tuple], warmup: int, repeats: int) -> tuple[float, tuple]:
