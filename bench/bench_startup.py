@@ -162,7 +162,7 @@ def main() -> None:
                 f"repetition {i + 1}: {label:38} median {s['median']:.3f} s ({s['min']:.3f}-{s['max']:.3f})"
             )
     report = {
-        "command": shlex.join(["python", "bench/bench_startup.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.bench_startup", *sys.argv[1:]]),
         "runs": args.runs,
         "pythonpath": None if args.pythonpath is None else str(args.pythonpath),
         "machine": {
@@ -170,7 +170,7 @@ def main() -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "timed": {label: shlex.join(argv) for label, argv in cmds.items()},
+        "timed": {label: shlex.join([Path(argv[0]).name, *argv[1:]]) for label, argv in cmds.items()},
         "targets_s": TARGETS,
         "repetitions": reps,
         "summary": verdicts(reps),

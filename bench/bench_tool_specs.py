@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
             tic = time.time()
             walked += walk(specs, fmt, args.max_tokens, log)
             log(f"walk {fmt}: {time.time() - tic:.0f}s")
-    meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])),
+    meta = {"command": " ".join(["python -m bench.bench_tool_specs", *(argv or sys.argv[1:])]),
             "tools": len(specs), "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"),
             "llguidance": getattr(llguidance, "__version__", None) or llguidance.get_version()}
     text = markdown(model, walked, meta)

@@ -48,6 +48,7 @@ import shutil
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -67,9 +68,8 @@ from flashmoe_backend.bench.bandwidth import (
 from flashmoe_backend.bench.pagecache import evict_page_cache, store_files
 from flashmoe_backend.bench.replay import release_memory
 from flashmoe_backend.bench.synthetic_store import expert_tensor_bytes, write_synthetic_store
-from flashmoe_backend.experts import grouped as grouped_experts
-from flashmoe_backend.experts import switch as streaming
 from flashmoe_backend.experts.cache import DEFAULT_POLICY, ExpertCache
+from flashmoe_backend.experts.grouped import ExpertPath
 from flashmoe_backend.experts.reader import ExpertReader, ReaderConfig
 from flashmoe_backend.experts.switch import ExpertStreamer, StreamCounters
 from flashmoe_backend.store.format import Manifest
@@ -255,6 +255,8 @@ def parse(argv):
                    help="prefill the prompt this many times (the first also compiles kernels)")
     p.add_argument("--stacked", action="store_true",
                    help="prefill with mlx-lm's gather_qmm over the stacked experts, never the grouped path")
+    p.add_argument("--grouped-off-cuda", action="store_true",
+                   help="let the grouped expert path run off CUDA too, by its rows rule (the tests, on CPU)")
     return p.parse_args(argv)
 
 
@@ -273,6 +275,7 @@ def main(argv=None) -> dict:
             "policy": args.policy,
             "io_threads": args.io_threads,
             "stacked": args.stacked,
+            "grouped_off_cuda": args.grouped_off_cuda,
         },
         "machine": {"device": str(mx.default_device()), "mlx": mx.__version__, "cpus": os.cpu_count()},
         "errors": {},
@@ -330,6 +333,7 @@ def main(argv=None) -> dict:
         rb = manifest.layers[0].record_bytes
         streamer, budget, resident = attach_store(model, store, manifest, args.budget_frac, args.policy,
                                                   args.io_threads, dtype)
+        streamer.path = engine_path = ExpertPath(cuda_only=not args.grouped_off_cuda)
         report["store"] = {
             "expert_bytes": manifest.expert_bytes,
             "record_bytes": rb,
@@ -372,14 +376,13 @@ def main(argv=None) -> dict:
             if k is not None:
                 for layer in model.layers:
                     layer.mlp.top_k = k
-            threshold = grouped_experts.MIN_ROWS_PER_EXPERT
             if min_rows is not None:
-                grouped_experts.MIN_ROWS_PER_EXPERT = min_rows
+                streamer.path = replace(engine_path, min_rows_per_expert=min_rows)
             try:
-                with timing.recorded_choices() as choices:
+                with timing.recorded_choices(streamer) as choices:
                     r = decode(model, streamer, prompt, s["warmup"], s["tokens"], instrumented, drive)
             finally:
-                grouped_experts.MIN_ROWS_PER_EXPERT = threshold
+                streamer.path = engine_path
                 for layer in model.layers:
                     layer.mlp.top_k = s["k"]
             r["grouped_calls"] = sum(choices["grouped"])
@@ -439,19 +442,13 @@ def main(argv=None) -> dict:
             from mlx_lm.models.cache import make_prompt_cache
 
             fresh(streamer, ExpertReader(store, manifest, engine_cfg), budget, args.policy, files)
-            calls = []
-            fetch_iter = streamer.fetch_iter  # what fetch and the grouped path call
-            streamer.fetch_iter = lambda layer, experts: (
-                calls.append((layer, list(experts))) or fetch_iter(layer, experts)
-            )
+            calls = []  # each fetch's (layer, experts)
             before = timing.mark()
-            try:
-                with timing.prefill_barriers(model) as choices:
+            with timing.hooked(streamer, on_fetch=lambda layer, experts: calls.append((layer, experts))):
+                with timing.prefill_barriers(model, streamer) as choices:
                     tic = time.perf_counter()
                     mx.eval(model(mx.array(ids)[None], cache=make_prompt_cache(model)))
                     seconds = time.perf_counter() - tic
-            finally:
-                del streamer.fetch_iter
             per_layer = timing.since(before)
             c = streamer.counters
             parts = {"router_sync": c.sync_seconds, "io_wait_and_upload": c.io_seconds,
@@ -488,13 +485,12 @@ def main(argv=None) -> dict:
             """The same prompt ``--prefill-runs`` times, each from a cold expert cache: the first
             run also pays each kernel's first use (MLX compiles CUDA kernels on first use)."""
             ids = rng.integers(0, s["vocab"], size=s["prefill"]).tolist()
-            choose = streaming.use_grouped
             if args.stacked:
-                streaming.use_grouped = lambda template, slots: False
+                streamer.path = replace(engine_path, grouped=False)
             try:
                 runs = [prefill_once(ids) for _ in range(args.prefill_runs)]
             finally:
-                streaming.use_grouped = choose
+                streamer.path = engine_path
             return {**runs[-1], "runs": runs}
 
         if s["prefill"]:

@@ -1,9 +1,10 @@
 """Qwen3.5-397B-A17B at its real layer shapes (or tiny ones) for the H200 bench scripts.
 
-``REAL`` / ``TINY``: the shapes; :func:`build_model`: mlx-lm's own ``qwen3_5_moe.Model`` with random
-weights; :func:`quantize_resident`: the non-expert weights quantized like the mlx-community
-checkpoints; :func:`attach_store`: the model's experts streamed from a store, as ``FlashMoE.load``
-sets it up. Used by ``h200_layers.py``, ``h200_prefill.py`` and ``h200_probe.py``.
+``REAL`` / ``TINY``: the shapes (``flashmoe_backend.bench.shapes``) with the run sizes;
+:func:`build_model`: mlx-lm's own ``qwen3_5_moe.Model`` with random weights;
+:func:`quantize_resident`: the non-expert weights quantized like the mlx-community checkpoints;
+:func:`attach_store`: the model's experts streamed from a store, as ``FlashMoE.load`` sets it up.
+Used by ``h200_layers.py``, ``h200_prefill.py`` and ``h200_probe.py``.
 """
 
 from __future__ import annotations
@@ -15,54 +16,16 @@ import mlx.nn as nn
 from flashmoe_kernels import install_fast_gated_delta
 from mlx.utils import tree_flatten, tree_unflatten
 
+from flashmoe_backend.bench import shapes
 from flashmoe_backend.experts.cache import ExpertCache
 from flashmoe_backend.experts.reader import ExpertReader, ReaderConfig
 from flashmoe_backend.experts.switch import ExpertStreamer, install_streaming
 from flashmoe_backend.store.format import Manifest
 
-REAL = dict(
-    hidden=4096,
-    layers=8,
-    experts=512,
-    k=10,
-    intermediate=1024,
-    shared=1024,
-    vocab=248_320,
-    heads=32,
-    kv_heads=2,
-    head_dim=256,
-    lin_k_heads=16,
-    lin_v_heads=64,
-    lin_k_dim=128,
-    lin_v_dim=128,
-    tokens=48,
-    warmup=16,
-    prompt=16,
-    prefill=2048,
-    upload_records=16,
-)
-TINY = dict(
-    hidden=128,
-    layers=4,
-    experts=32,
-    k=4,
-    intermediate=64,
-    shared=64,
-    vocab=512,
-    heads=4,
-    kv_heads=2,
-    head_dim=32,
-    lin_k_heads=2,
-    lin_v_heads=4,
-    lin_k_dim=32,
-    lin_v_dim=32,
-    tokens=5,
-    warmup=3,
-    prompt=4,
-    prefill=24,
-    upload_records=4,
-)
-
+# The shapes (flashmoe_backend.bench.shapes) and these scripts' run sizes: layers built, decode
+# tokens timed after a warmup, the decode prompt, the prefill, the records of the upload study.
+REAL = dict(shapes.QWEN35, layers=8, tokens=48, warmup=16, prompt=16, prefill=2048, upload_records=16)
+TINY = dict(shapes.TINY, layers=4, tokens=5, warmup=3, prompt=4, prefill=24, upload_records=4)
 
 
 def model_config(s: dict) -> dict:

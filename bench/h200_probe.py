@@ -42,9 +42,9 @@ from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 from bench import h200_model as real
 from bench import h200_timing as timing
 from flashmoe_backend.bench.synthetic_store import write_synthetic_store
-from flashmoe_backend.experts import switch as streaming
 from flashmoe_backend.experts.cache import ExpertCache
 from flashmoe_backend.experts.grouped import grouped_switch
+from flashmoe_backend.experts.switch import StreamCounters, stack_experts
 
 REPORT: dict = {"stages": {}, "samples": []}
 T0 = time.perf_counter()
@@ -156,14 +156,14 @@ def main(argv=None) -> dict:
 
         # 2: one layer's experts through the engine's reader, stacked, computed
         switch = model.layers[0].mlp.switch_mlp
-        template = switch._template.module
+        template = switch.template
         host = np.random.default_rng(0).integers(0, s["experts"], size=(1, tokens, s["k"]))
         needed = np.unique(host).tolist()
         tic = time.perf_counter()
         weights = reader.read(0, needed)
         read_s = time.perf_counter() - tic
         tic = time.perf_counter()
-        stacked = streaming._stack(weights)
+        stacked = stack_experts(weights)
         mx.eval(stacked)
         stack_s = time.perf_counter() - tic
         template.update(tree_unflatten(list(stacked.items())))
@@ -194,9 +194,9 @@ def main(argv=None) -> dict:
 
         def prefill(name: str) -> None:
             streamer.cache = ExpertCache(budget, "lfu")
-            streamer.counters = streaming.StreamCounters()
+            streamer.counters = StreamCounters()
             before = timing.mark()
-            with timing.prefill_barriers(model) as choices:
+            with timing.prefill_barriers(model, streamer) as choices:
                 tic = time.perf_counter()
                 mx.eval(model(mx.array(ids)[None], cache=make_prompt_cache(model)))
                 seconds = time.perf_counter() - tic

@@ -4,7 +4,8 @@ MLX is lazy, so a part's time is only its own when its output is evaluated befor
 starts. :func:`instrument` wraps each layer's attention/GatedDeltaNet and MoE block in such a
 barrier (:class:`Timed`); :func:`prefill_barriers` adds one around the stacking of fetched experts
 and records which paths the engine took. Every barrier appends its seconds to ``CALLS``;
-:func:`mark` and :func:`since` cut out the calls of one run.
+:func:`mark` and :func:`since` cut out the calls of one run. The engine is watched through its
+own hooks (``ExpertStreamer.hooks``, ``recorded_gated_delta_paths``), never patched.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
-from flashmoe_kernels.gated_delta import dispatch as gated_delta
+from flashmoe_kernels import recorded_gated_delta_paths
 
-from flashmoe_backend.experts import switch as streaming
+from flashmoe_backend.experts.switch import ExpertStreamer
 
 CALLS: dict[str, list[float]] = {"attention_gdn": [], "moe": [], "stack": []}  # each call's seconds
 
@@ -62,47 +63,44 @@ def instrument(model, on: bool) -> None:
 
 
 @contextlib.contextmanager
-def recorded_choices():
-    """Record the paths the engine takes, into the dict yielded: each expert call's use of the
-    grouped path (``"grouped"``: ``use_grouped``) and each GatedDeltaNet call's recurrence
-    (``"gated_delta"``: ``select_gated_delta_path``)."""
-    choices: dict[str, list] = {"grouped": [], "gated_delta": []}
-    choose, select = streaming.use_grouped, gated_delta.select_gated_delta_path
-
-    def counted(template, slots):
-        choices["grouped"].append(choose(template, slots))
-        return choices["grouped"][-1]
-
-    def selected(*args, **kwargs):
-        choices["gated_delta"].append(select(*args, **kwargs))
-        return choices["gated_delta"][-1]
-
-    streaming.use_grouped, gated_delta.select_gated_delta_path = counted, selected
+def hooked(streamer: ExpertStreamer, **hooks):
+    """Set the given ``streamer.hooks`` (e.g. ``on_fetch=...``) for the block, then put back
+    what was there."""
+    before = {name: getattr(streamer.hooks, name) for name in hooks}
+    for name, hook in hooks.items():
+        setattr(streamer.hooks, name, hook)
     try:
-        yield choices
+        yield
     finally:
-        streaming.use_grouped, gated_delta.select_gated_delta_path = choose, select
+        for name, hook in before.items():
+            setattr(streamer.hooks, name, hook)
 
 
 @contextlib.contextmanager
-def prefill_barriers(model):
-    """Barriers for a prefill's time split: around each layer's attention/GatedDeltaNet and MoE
-    block (``instrument``) and around the stacking of fetched experts; yields the paths taken
-    (``recorded_choices``)."""
-    stack = streaming._stack
+def recorded_choices(streamer: ExpertStreamer):
+    """Record the paths the engine takes, into the dict yielded: each expert computation's use of
+    the grouped path (``"grouped"``: ``StreamHooks.on_path``) and each GatedDeltaNet call's
+    recurrence (``"gated_delta"``: ``recorded_gated_delta_paths``)."""
+    choices: dict[str, list] = {"grouped": []}
+    with hooked(streamer, on_path=choices["grouped"].append), recorded_gated_delta_paths() as paths:
+        choices["gated_delta"] = paths
+        yield choices
 
-    def timed_stack(weights):
+
+@contextlib.contextmanager
+def prefill_barriers(model, streamer: ExpertStreamer):
+    """Barriers for a prefill's time split: around each layer's attention/GatedDeltaNet and MoE
+    block (``instrument``) and around the stacking of fetched experts (``StreamHooks.on_stack``);
+    yields the paths taken (``recorded_choices``)."""
+
+    def timed_stack(stacked: dict[str, mx.array]) -> None:
         tic = time.perf_counter()
-        out = stack(weights)
-        mx.eval(list(out.values()))
+        mx.eval(list(stacked.values()))
         CALLS["stack"].append(time.perf_counter() - tic)
-        return out
 
     instrument(model, True)
-    streaming._stack = timed_stack
     try:
-        with recorded_choices() as choices:
+        with hooked(streamer, on_stack=timed_stack), recorded_choices(streamer) as choices:
             yield choices
     finally:
-        streaming._stack = stack
         instrument(model, False)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import os
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, get_args
 
@@ -26,6 +27,7 @@ from flashmoe_backend.errors import (
     InvalidRequestError,
     ParameterError,
     ToolError,
+    UnknownArgumentError,
 )
 from flashmoe_backend.experts.cache import DEFAULT_POLICY, CacheCounters, ExpertCache, Policy
 from flashmoe_backend.experts.reader import ExpertReader, PageCache, ReaderConfig, Verify
@@ -41,7 +43,13 @@ from flashmoe_backend.generation.params import (
     generation_params,
     read_generation_defaults,
 )
-from flashmoe_backend.generation.prompt_cache import PromptCache, message_boundaries, prefill
+from flashmoe_backend.generation.prompt_cache import (
+    PromptCache,
+    message_boundaries,
+    prefill,
+    shared_prefix_end,
+)
+from flashmoe_backend.generation.prompt_files import PromptCacheDir, store_identity
 from flashmoe_backend.generation.stats import Stats
 from flashmoe_backend.output import MarkupFilter, OutputPlan, prompt_in_think
 from flashmoe_backend.store.format import (
@@ -76,6 +84,7 @@ def check_load_options(
     policy: Any,
     prefill_step_size: Any,
     prompt_cache_entries: Any,
+    prompt_cache_dir: Any = None,
 ) -> None:
     """``FlashMoE.load``'s options, checked before anything is read (``ParameterError``)."""
     check_number("cache_gb", cache_gb, 0.0, low_open=True)
@@ -86,6 +95,26 @@ def check_load_options(
     check_choice("policy", policy, get_args(Policy))
     check_int("prefill_step_size", prefill_step_size, 1)
     check_int("prompt_cache_entries", prompt_cache_entries, 0)
+    if prompt_cache_dir is not None and (
+        not isinstance(prompt_cache_dir, (str, os.PathLike)) or not os.fspath(prompt_cache_dir)
+    ):
+        raise ParameterError(
+            f"prompt_cache_dir must be a directory path or None, got {prompt_cache_dir!r}"
+        )
+
+
+#: ``FlashMoE.load``'s options (every argument but the store), as ``check_load_options`` takes them.
+LOAD_OPTIONS: tuple[str, ...] = tuple(inspect.signature(check_load_options).parameters)
+
+
+def check_load_keywords(names: Iterable[str]) -> None:
+    """Refuse keyword arguments ``FlashMoE.load`` does not take (``UnknownArgumentError``, a
+    ``TypeError``), naming them and the options it does take."""
+    unknown = sorted(set(names) - set(LOAD_OPTIONS))
+    if unknown:
+        raise UnknownArgumentError(
+            f"unknown load argument(s): {', '.join(unknown)}; expected {', '.join(LOAD_OPTIONS)}"
+        )
 
 
 def experts_per_token_of(config: dict) -> int | None:
@@ -155,6 +184,7 @@ class FlashMoE:
         prefill_step_size: int,
         prompt_cache_entries: int,
         defaults: GenerationDefaults | None = None,
+        prompt_files: PromptCacheDir | None = None,
     ):
         self.store = store
         #: the store's generation defaults (its generation_config.json); a caller's values win.
@@ -166,6 +196,8 @@ class FlashMoE:
         self.streamer = streamer
         self.prefill_step_size = prefill_step_size
         self.prompt_cache = PromptCache(prompt_cache_entries)
+        #: prefix snapshots on disk (``prompt_cache_dir``), shared with later processes; or None
+        self.prompt_files = prompt_files
         self.stats = Stats()
         self.lock = threading.Lock()  # one generation at a time: the model and cache are shared
 
@@ -182,6 +214,8 @@ class FlashMoE:
         policy: Policy = DEFAULT_POLICY,
         prefill_step_size: int = 2048,
         prompt_cache_entries: int = 4,
+        prompt_cache_dir: str | os.PathLike | None = None,
+        **unknown: Any,
     ) -> FlashMoE:
         """Load a store made by ``flashmoe pack``.
 
@@ -198,13 +232,20 @@ class FlashMoE:
                 calibrated routing trace, see bench/RESULTS.md) or "lru".
             prefill_step_size: prompt tokens per layer-major prefill chunk.
             prompt_cache_entries: how many prompt-prefix snapshots to keep for reuse (0: none).
+            prompt_cache_dir: a directory (created if missing) where the snapshot of a chat's
+                system prompt and tool list is also saved, in mlx-lm's prompt-cache format, and
+                looked for when no snapshot in memory covers it: a later process (a restarted
+                server) then does not prefill that prefix again. Files of another store or
+                load option, and damaged ones, are ignored with a ``PromptCacheWarning``.
 
         The store's ``generation_config.json`` gives the generation defaults (sampling, and
         ``chat_template_kwargs`` such as ``{"enable_thinking": false}``; see
         ``GenerationDefaults``). Raises ``StoreNotFoundError`` (a ``FileNotFoundError``) when there
         is no store at ``store``, ``StoreError`` when it is damaged, ``ParameterError`` for a bad
-        option; warns (``CacheBudgetWarning``) when the cache cannot hold one token's experts.
+        option, ``UnknownArgumentError`` (a ``TypeError``) for a keyword it does not take; warns
+        (``CacheBudgetWarning``) when the cache cannot hold one token's experts.
         """
+        check_load_keywords(unknown)
         check_load_options(
             cache_gb,
             experts_per_token,
@@ -214,6 +255,7 @@ class FlashMoE:
             policy,
             prefill_step_size,
             prompt_cache_entries,
+            prompt_cache_dir,
         )
         store = find_store(store)
         manifest = read_manifest(store)
@@ -251,6 +293,12 @@ class FlashMoE:
             tokenizer = load_tokenizer(store)
         except Exception as e:
             raise StoreError(f"{store}: cannot load the tokenizer: {e}") from e
+        prompt_files = None
+        if prompt_cache_dir is not None:
+            try:
+                prompt_files = PromptCacheDir(prompt_cache_dir, store_identity(store, config))
+            except OSError as e:
+                raise ParameterError(f"prompt_cache_dir {os.fspath(prompt_cache_dir)!r}: {e}") from e
         return cls(
             store,
             model,
@@ -261,6 +309,7 @@ class FlashMoE:
             prefill_step_size,
             prompt_cache_entries,
             defaults,
+            prompt_files,
         )
 
     @classmethod
@@ -272,13 +321,14 @@ class FlashMoE:
         symlink and the absolute path are one store) and every load option, defaults filled in
         (``shared(s)`` and ``shared(s, cache_gb=4.0)`` are one engine). An engine serialises its
         own generations (``self.lock``), so it can be used from several threads at once. The
-        errors are ``load``'s: ``StoreNotFoundError``, ``StoreError``, ``ParameterError``, and a
-        ``TypeError`` for an option ``load`` does not take.
+        errors are ``load``'s: ``StoreNotFoundError``, ``StoreError``, ``ParameterError``, and
+        ``UnknownArgumentError`` (a ``TypeError``) for an option ``load`` does not take.
         """
+        check_load_keywords(load_options)
         path = find_store(store)
         bound = inspect.signature(cls.load).bind(path, *args, **load_options)
         bound.apply_defaults()
-        options = {k: v for k, v in bound.arguments.items() if k != "store"}
+        options = {k: v for k, v in bound.arguments.items() if k not in ("store", "unknown")}
         check_load_options(**options)  # a bad option is refused before it is used as a key
         key = (str(path.resolve()), *sorted(options.items()))
         with cls._shared_lock:
@@ -394,7 +444,10 @@ class FlashMoE:
             raise InvalidRequestError(str(e)) from e
         is_chat = bool(prompt) and isinstance(prompt[0], dict)
         boundaries = message_boundaries(self.tokenizer, prompt, prompt_ids, rendered) if is_chat else []
-        return self._run(prompt_ids, boundaries, params, plan, in_think)
+        shared = None
+        if is_chat and self.prompt_files is not None:
+            shared = shared_prefix_end(self.tokenizer, prompt, prompt_ids, rendered)
+        return self._run(prompt_ids, boundaries, params, plan, in_think, shared)
 
     def _run(
         self,
@@ -403,11 +456,12 @@ class FlashMoE:
         params: GenerationParams,
         plan: OutputPlan,
         in_think: bool,
+        shared: int | None = None,
     ) -> Iterator[Chunk | GenerationResult]:
         with self.lock, self.streamer.record_steps() as steps:
             before = self._counters()
             tic = time.perf_counter()
-            cache, reused = self._prefill(prompt_ids, boundaries)
+            cache, reused = self._prefill(prompt_ids, boundaries, shared)
             prefill_seconds = time.perf_counter() - tic
             tokens = TokenStream(
                 self.model,
@@ -458,17 +512,32 @@ class FlashMoE:
                 return item
         raise RuntimeError("generation ended without a result")  # pragma: no cover
 
-    def _prefill(self, prompt_ids: list[int], boundaries: list[int]) -> tuple[list, int]:
-        """Process all but the last prompt token, reusing and saving prefix snapshots.
+    def _prefill(
+        self, prompt_ids: list[int], boundaries: list[int], shared: int | None = None
+    ) -> tuple[list, int]:
+        """Process all but the last prompt token, reusing and saving prefix snapshots: those in
+        memory, and the one of the ``shared`` prefix (system prompt and tools) on disk, when
+        ``prompt_cache_dir`` is set.
 
         Returns the model cache and how many prompt tokens a snapshot already covered.
         """
         cache, done = self.prompt_cache.restore(self.model, prompt_ids)
+        if shared is not None and done < shared:
+            # Memory first: a file is only read when no snapshot in memory covers the prefix
+            # (a new process, or one evicted), and is then kept in memory for the next request.
+            loaded = self.prompt_files.load(self.model, prompt_ids[:shared])
+            if loaded is not None:
+                cache, done = loaded, shared
+                self.prompt_cache.save(prompt_ids[:shared], cache)
+            else:
+                boundaries = [*boundaries, shared]  # prefill stops there to write the file
         reused = done
         for end in sorted({b for b in boundaries if b > done} | {len(prompt_ids) - 1}):
             if end > done:
                 prefill(self.model, prompt_ids[done:end], cache, self.prefill_step_size)
                 self.prompt_cache.save(prompt_ids[:end], cache)
+                if end == shared:
+                    self.prompt_files.save(prompt_ids[:end], cache)
                 done = end
         return cache, reused
 

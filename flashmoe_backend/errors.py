@@ -58,6 +58,11 @@ class CacheBudgetWarning(UserWarning):
     """The expert cache cannot hold one token's experts of a layer: every token reads them again."""
 
 
+class PromptCacheWarning(UserWarning):
+    """A prompt-cache file (``prompt_cache_dir``) was ignored or not written: the prefix is
+    prefilled instead, so the output is unchanged, only slower."""
+
+
 #: What a front end (the CLI) reports as a one-line error instead of a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (FlashMoEError, StoreError)
 
@@ -68,6 +73,7 @@ __all__ = [
     "FlashMoEError",
     "InvalidRequestError",
     "ParameterError",
+    "PromptCacheWarning",
     "PromptError",
     "ResponseFormatError",
     "StoreError",

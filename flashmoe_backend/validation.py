@@ -23,6 +23,12 @@ _PROMPT_KINDS = "a string, a list of token ids, or a list of messages ({'role': 
 # -- parameters ---------------------------------------------------------------------------------
 
 
+def a_type(value: Any) -> str:
+    """The type of ``value`` with its article, for messages: "an int", "a str", "a NoneType"."""
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
@@ -127,7 +133,7 @@ def _content_text(i: int, role: str, content: Any) -> str:
             continue
         if not isinstance(part, Mapping):
             raise PromptError(
-                f"message #{i} content part #{j} is a {type(part).__name__}, expected "
+                f"message #{i} content part #{j} is {a_type(part)}, expected "
                 "{'type': 'text', 'text': ...}"
             )
         kind = part.get("type", "text" if "text" in part else None)
@@ -153,7 +159,7 @@ def _check_tool_calls(i: int, role: str, calls: Any) -> None:
     for k, call in enumerate(calls):
         if not isinstance(call, Mapping):
             raise PromptError(
-                f"message #{i} tool call #{k} is a {type(call).__name__}, expected "
+                f"message #{i} tool call #{k} is {a_type(call)}, expected "
                 "{'type': 'function', 'function': {'name': ..., 'arguments': ...}}"
             )
         function = call.get("function", call)
@@ -162,9 +168,10 @@ def _check_tool_calls(i: int, role: str, calls: Any) -> None:
 
 
 def check_message(i: int, message: Any) -> dict:
-    """One chat message, checked; a copy whose content is a string."""
+    """One chat message, checked; a copy whose content is a string. A user message must hold
+    some text (as a string prompt must not be empty); other roles' content may be empty."""
     if not isinstance(message, Mapping):
-        raise PromptError(f"message #{i} is a {type(message).__name__}, {_MESSAGE_HINT}")
+        raise PromptError(f"message #{i} is {a_type(message)}, {_MESSAGE_HINT}")
     if "role" not in message:
         raise PromptError(f"message #{i} has no 'role'; {_MESSAGE_HINT}")
     role = message["role"]
@@ -180,7 +187,10 @@ def check_message(i: int, message: Any) -> dict:
     reasoning = message.get("reasoning_content")
     if reasoning is not None and not isinstance(reasoning, str):
         raise PromptError(f"message #{i}: reasoning_content must be a string, got {type(reasoning).__name__}")
-    return {**message, "content": _content_text(i, role, message.get("content"))}
+    content = _content_text(i, role, message.get("content"))
+    if role == "user" and not content:  # as an empty string prompt: nothing to answer
+        raise PromptError(f"message #{i} (user): the content is empty; a user message needs text")
+    return {**message, "content": content}
 
 
 def check_prompt(prompt: Any, vocab_size: int | None = None) -> str | list[int] | list[dict]:

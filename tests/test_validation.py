@@ -180,11 +180,15 @@ BAD_REQUESTS = [
     ("content-dict", [{"role": "user", "content": {"text": "x"}}], {}, PromptError,
      "content must be a string or a list of content parts, got dict"),
     ("no-content", [{"role": "user"}], {}, PromptError, "message #0 (user) has no 'content'"),
+    ("user-content-empty", [{"role": "user", "content": ""}], {}, PromptError,
+     "message #0 (user): the content is empty; a user message needs text"),
+    ("user-content-no-parts", [*HI, {"role": "assistant", "content": "x"}, {"role": "user", "content": []}],
+     {}, PromptError, "message #2 (user): the content is empty"),
     ("image-part", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
      {}, PromptError,
      "message #0 content part #0: unsupported type 'image_url'; flashmoe models take text only"),
     ("part-not-a-dict", [{"role": "user", "content": ["a", 7]}], {}, PromptError,
-     "message #0 content part #1 is a int, expected {'type': 'text', 'text': ...}"),
+     "message #0 content part #1 is an int, expected {'type': 'text', 'text': ...}"),
     ("part-text-not-str", [{"role": "user", "content": [{"type": "text", "text": 3}]}], {}, PromptError,
      "message #0 content part #0: 'text' must be a string, got int"),
     ("tool-calls-on-user", [{"role": "user", "content": "x", "tool_calls": []}], {}, PromptError,
@@ -230,7 +234,7 @@ BAD_REQUESTS = [
      "parallel_tool_calls must be True or False, got 'yes'"),
     # response formats
     ("format-int", HI, {"response_format": 42}, ResponseFormatError,
-     "unsupported response format 42 (a int value)"),
+     "unsupported response format 42 (an int value)"),
     ("format-str", HI, {"response_format": "json"}, ResponseFormatError,
      "a plain string is ambiguous as a response format"),
     ("format-bool", HI, {"response_format": True}, ResponseFormatError,
@@ -346,6 +350,19 @@ def test_async_stream_refuses_too(engine: FlashMoE) -> None:
 # -- the context window -----------------------------------------------------------------------
 
 
+def test_long_prompt_is_refused_without_a_tokenizer_warning(
+    engine: FlashMoE, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The engine's error is the one message: transformers' "Token indices sequence length is
+    # longer than the specified maximum sequence length" warning (a log record) is not emitted.
+    with caplog.at_level("WARNING"), pytest.raises(
+        ContextWindowError,
+        match="the prompt is 120000 tokens, the model's context window is 32768: no room for a reply",
+    ):
+        engine.generate("hello " * 40000)
+    assert "sequence length is longer than" not in caplog.text
+
+
 def test_context_overflow_is_refused_before_prefill(small_context: FlashMoE) -> None:
     before = small_context.streamer.counters.bytes_read
     with pytest.raises(
@@ -402,6 +419,8 @@ BAD_LOADS = [
      "prefill_step_size must be a positive integer, got 0"),
     ("prompt-cache-negative", {"prompt_cache_entries": -1}, ParameterError,
      "prompt_cache_entries must be an integer >= 0, got -1"),
+    ("unknown-option", {"bogus": 1}, UnknownArgumentError,
+     "unknown load argument(s): bogus; expected cache_gb, experts_per_token, io_threads, page_cache"),
 ]
 # fmt: on
 
@@ -413,6 +432,14 @@ def test_bad_load_option_is_refused(budget: float, kwargs, error, fragment) -> N
     with pytest.raises(error) as caught:
         FlashMoE.load(default_store(), **{"cache_gb": budget, **kwargs})
     assert fragment in str(caught.value)
+
+
+def test_shared_refuses_an_unknown_load_argument(budget: float) -> None:
+    # Refused before the engine is looked up or loaded, as load refuses it (a TypeError too).
+    message = r"unknown load argument\(s\): bogus, cache_size; expected cache_gb"
+    with pytest.raises(UnknownArgumentError, match=message):
+        FlashMoE.shared(default_store(), cache_gb=budget, bogus=1, cache_size=2)
+    assert issubclass(UnknownArgumentError, TypeError)
 
 
 def test_missing_store_is_a_file_not_found_error(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ The report is JSON (``--out``) and markdown (``--markdown``).
 Modules, roughly in the order a run uses them:
 
 * ``cli``: the command line; ``config``: what a run can be told (one dataclass per mode);
+  ``shapes``: Qwen3.5-397B's shapes (and tiny ones), the one definition every benchmark uses;
 * ``synthetic_store``: the synthetic store; ``pagecache``: cold starts, residency, a page-cache
   budget; ``bandwidth``: the disk and memory bandwidths and the floor;
 * ``trace``: the routing-trace generator, its statistics and Belady's optimum;

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe_backend.bench.pagecache import evict_page_cache, store_files
-from flashmoe_backend.experts.reader import _aligned_buffer
+from flashmoe_backend.experts.reader import aligned_buffer
 from flashmoe_backend.store.format import Manifest, StoreError
 
 Key = tuple[int, int]  # (layer, expert)
@@ -76,7 +76,7 @@ class RawReader:
         nbytes = self.manifest.layers[layer].record_bytes
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < nbytes:
-            buf = self._local.buf = _aligned_buffer(nbytes)
+            buf = self._local.buf = aligned_buffer(nbytes)
         pread_full(self._fds[layer], buf[:nbytes], expert * nbytes)
         return nbytes
 

@@ -9,18 +9,19 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from flashmoe_backend.bench.synthetic_store import QWEN35
+from flashmoe_backend.bench import shapes
 from flashmoe_backend.experts.cache import DEFAULT_GUARD, DEFAULT_HALF_LIFE, DEFAULT_POLICY
 
 #: The synthetic mode's experiments (``--experiments``).
 EXPERIMENTS = ("policies", "decode", "page-cache", "peers", "prefetch", "prefill")
 
-#: ``--tiny``: shapes for a seconds-long smoke run (CI); they override the flags.
+#: ``--tiny``: the tiny shapes (``shapes.TINY``'s experts, hidden and expert widths; K stays the
+#: model's) and sizes for a seconds-long smoke run (CI); they override the flags.
 TINY = dict(
     layers=3,
-    experts=32,
-    hidden=128,
-    intermediate=64,
+    experts=shapes.TINY["experts"],
+    hidden=shapes.TINY["hidden"],
+    intermediate=shapes.TINY["intermediate"],
     decode_tokens=6,
     warmup=4,
     policy_tokens=120,
@@ -42,10 +43,10 @@ class SyntheticConfig:
     store: Path | None = None  # reused if it holds a store, else built there (None: a temp dir)
     keep_store: bool = False  # keep a store this run built
     layers: int = 6
-    experts: int = QWEN35["experts"]
-    hidden: int = QWEN35["hidden"]
-    intermediate: int = QWEN35["intermediate"]
-    k: int = QWEN35["k"]  # experts per token of the trace
+    experts: int = shapes.QWEN35["experts"]
+    hidden: int = shapes.QWEN35["hidden"]
+    intermediate: int = shapes.QWEN35["intermediate"]
+    k: int = shapes.QWEN35["k"]  # experts per token of the trace
     budget_frac: float = 0.25  # cache budget, share of the expert bytes
     decode_tokens: int = 96  # tokens timed per decode run
     warmup: int = 48  # tokens decoded before timing (from cold)

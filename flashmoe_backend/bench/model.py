@@ -44,16 +44,10 @@ class _ModelProbe:
 
 
 def _record_fetches(streamer) -> list[tuple[int, list[int]]]:
-    """Note every fetch's (layer, experts) in the returned list, from now on (``fetch`` goes
-    through ``fetch_iter``)."""
+    """Note every fetch's (layer, experts) in the returned list, from now on (the streamer's
+    ``on_fetch`` hook)."""
     steps: list[tuple[int, list[int]]] = []
-    fetch_iter = streamer.fetch_iter
-
-    def recording(layer, experts):
-        steps.append((layer, list(experts)))
-        return fetch_iter(layer, experts)
-
-    streamer.fetch_iter = recording
+    streamer.hooks.on_fetch = lambda layer, experts: steps.append((layer, experts))
     return steps
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from flashmoe_backend.bench import trace as tr
 from flashmoe_backend.bench.common import log
 from flashmoe_backend.bench.synthetic_store import synthetic_manifest
-from flashmoe_backend.experts.cache import _LFU, ExpertCache
+from flashmoe_backend.experts.cache import LFU, ExpertCache
 from flashmoe_backend.store.format import Manifest
 
 
@@ -21,7 +21,7 @@ class NullReader:
         return iter([()] * len(experts))  # any value but None (the streamer's "not cached")
 
 
-class OraclePolicy(_LFU):
+class OraclePolicy(LFU):
     """The guarded-LFU policy with the trace generator's TRUE popularity instead of counts: the
     most an online frequency policy could learn (a reference point, not a usable policy)."""
 
@@ -29,7 +29,7 @@ class OraclePolicy(_LFU):
         super().__init__(guard=guard)
         self._logp = log_popularity
 
-    def _new_score(self, key, now):
+    def score(self, key, now):
         return float(self._logp[key[0], key[1]])
 
 
@@ -75,11 +75,7 @@ def simulate(steps: Sequence[tr.Step], manifest: Manifest, budget_bytes: int, po
     ExpertStreamer and cache."""
     from flashmoe_backend.experts.switch import ExpertStreamer
 
-    if isinstance(policy, str):
-        cache = ExpertCache(budget_bytes, policy, **options)
-    else:
-        cache = ExpertCache(budget_bytes, "lru")
-        cache._policy = policy
+    cache = ExpertCache(budget_bytes, policy, **options)
     streamer = ExpertStreamer(manifest, NullReader(), cache)
     for layer, experts in steps:
         streamer.fetch(layer, list(experts))

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from flashmoe_backend.bench.shapes import QWEN35
 from flashmoe_backend.store.format import CONFIG, MANIFEST, LayerSpec, Manifest, checksum, record_layout
 
 SWITCH_MODULE = "language_model.model.layers.{}.mlp.switch_mlp"
-#: Qwen3.5-397B-A17B expert shapes: one 4-bit record is 7,077,888 bytes.
-QWEN35 = dict(hidden=4096, intermediate=1024, bits=4, group_size=64, experts=512, k=10)
 
 
 def expert_layout(hidden: int, intermediate: int, bits: int = 4, group_size: int = 64) -> dict:
@@ -60,11 +59,11 @@ def write_synthetic_store(
     path: Path | str,
     layers: int,
     experts: int,
-    hidden: int = 4096,
-    intermediate: int = 1024,
-    bits: int = 4,
-    group_size: int = 64,
-    k: int = 10,
+    hidden: int = QWEN35["hidden"],
+    intermediate: int = QWEN35["intermediate"],
+    bits: int = QWEN35["bits"],
+    group_size: int = QWEN35["group_size"],
+    k: int = QWEN35["k"],
     seed: int = 0,
     threads: int = 2,
 ) -> Manifest:

@@ -33,6 +33,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from flashmoe_backend.bench.shapes import QWEN35
+
 #: Published Qwen3.5-397B-A17B routing statistics the generator is calibrated to.
 TARGETS = {
     "consecutive_repeat": 0.295,  # share of a layer's experts that repeat on consecutive tokens
@@ -55,8 +57,8 @@ class TraceSpec:
 
     tokens: int
     layers: int
-    experts: int = 512
-    k: int = 10
+    experts: int = QWEN35["experts"]
+    k: int = QWEN35["k"]
     seed: int = 0
     repeat: float = 0.295
     top20_share: float = 0.25

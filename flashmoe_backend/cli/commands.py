@@ -1,4 +1,4 @@
-"""The ``flashmoe`` command: pack, generate, chat, info, verify, bench, demo.
+"""The ``flashmoe`` command: pack, generate, chat, serve, info, verify, bench, demo.
 
 Only the standard library is imported at the top: each command imports what it needs (the engine
 pulls in mlx-lm and transformers, seconds), so ``flashmoe --help`` and ``flashmoe info`` start at
@@ -27,6 +27,7 @@ EPILOG = """examples:
   flashmoe demo                          the embedded demo model, offline
   flashmoe chat demo                     chat with it
   flashmoe generate demo -p "Hello"      one answer
+  flashmoe serve demo                    an OpenAI-compatible server on http://127.0.0.1:8000/v1
   flashmoe info demo                     what a store holds"""
 STORE_HELP = (
     "store directory made by 'flashmoe pack', or 'demo' for the embedded demo model "
@@ -88,6 +89,11 @@ def store_path(text: str) -> Path:
     return Path(nonempty(text)).expanduser()
 
 
+def dir_path(text: str) -> Path:
+    """An argparse ``type`` for a directory to write to (created later if missing)."""
+    return Path(nonempty(text)).expanduser()
+
+
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors, in every subcommand too, start "flashmoe: error:" like
     the errors ``main`` reports (argparse would write "flashmoe generate: error:")."""
@@ -112,6 +118,52 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--page-cache", choices=("bypass", "keep"), default="bypass")
     p.add_argument("--policy", choices=("lfu", "lru"), default="lfu")
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from flashmoe_backend.server.settings import ServerSettings  # standard library only
+
+    defaults = ServerSettings(model_id="")
+    p.add_argument(
+        "--host", type=nonempty, default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)",
+    )
+    p.add_argument("--port", type=number(int, ge=0, le=65535), default=8000, help="default: 8000")
+    p.add_argument(
+        "--api-key", type=nonempty, default=os.environ.get("FLASHMOE_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on every route but /health "
+        "(default: $FLASHMOE_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--model-id", type=nonempty, default=None,
+        help="the model's name in /v1/models and requests (default: 'demo', or the store directory's name)",
+    )
+    p.add_argument(
+        "--max-queue", type=number(int, ge=0), default=defaults.max_queue,
+        help=f"requests that may wait while one generates; beyond them 429 (default: {defaults.max_queue})",
+    )
+    p.add_argument(
+        "--timeout", type=number(ge=0), default=defaults.timeout,
+        help=f"seconds a request may take, queueing included; 0: no limit (default: {defaults.timeout:g})",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=number(int, ge=1), default=defaults.max_body_bytes,
+        help=f"largest request body; beyond it 413 (default: {defaults.max_body_bytes})",
+    )
+    p.add_argument(
+        "--max-tokens-limit", type=number(int, ge=1), default=defaults.max_tokens_limit,
+        help=f"largest max_tokens a request may ask for (default: {defaults.max_tokens_limit})",
+    )
+    p.add_argument(
+        "--prompt-cache-dir", metavar="DIR", type=dir_path,
+        default=None,
+        help="keep the prefill of each system prompt + tool list in DIR (created if missing), so that "
+        "a restarted server does not prefill it again (default: memory only)",
+    )
+    p.add_argument(
+        "--offline", action="store_true",
+        help="block every connection and DNS lookup beyond this machine (flashmoe_backend.offline)",
+    )
 
 
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
@@ -161,6 +213,8 @@ def _load(args: argparse.Namespace):
         experts_per_token=args.experts_per_token,
         page_cache=args.page_cache,
         policy=args.policy,
+        # serve's option only; generate and chat run one process per conversation
+        prompt_cache_dir=getattr(args, "prompt_cache_dir", None),
     )
 
 
@@ -240,6 +294,51 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages.append(assistant_message(_answer(engine, messages, args)))
     finally:
         engine.close()
+    return 0
+
+
+def served_model_id(store: Path) -> str:
+    """The name ``flashmoe serve`` lists in ``/v1/models``: ``demo`` for the embedded store, else
+    the store directory's name."""
+    return DEMO_NAME if store == default_store() else store.resolve().name
+
+
+#: Hosts that only this machine reaches (serving there needs no API key).
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flashmoe_backend.server.run import listen, serve
+    from flashmoe_backend.server.settings import ServerSettings
+
+    settings = ServerSettings(
+        model_id=args.model_id or served_model_id(args.store),
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        timeout=args.timeout or None,
+        max_body_bytes=args.max_body_bytes,
+        max_tokens_limit=args.max_tokens_limit,
+    )
+    sock = listen(args.host, args.port)  # before the load: a port in use is said at once
+    try:
+        if args.offline:  # after listen, which may look the host name up
+            from flashmoe_backend.offline import block_network
+
+            block_network()
+        engine = _load(args)
+        try:
+            host, port = sock.getsockname()[:2]
+            where = f"[{host}]" if ":" in host else host
+            print(f"flashmoe: serving {settings.model_id!r} at http://{where}:{port}/v1", file=sys.stderr)
+            if args.api_key is None and args.host not in LOOPBACK:
+                print(f"{PROG}: warning: {args.host} is not loopback and no --api-key is set: anyone "
+                      "who can reach this port can use the model", file=sys.stderr)
+            serve(engine, settings, sock)
+        finally:
+            with engine.lock:  # a generation stopped at shutdown unwinds within a decode step
+                engine.close()
+    finally:
+        sock.close()
     return 0
 
 
@@ -374,6 +473,13 @@ def build_parser(commands: Collection[str | None] | None = None) -> argparse.Arg
     p.add_argument("--system", default=None, help="system message")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "serve", parents=common, help="OpenAI-compatible HTTP server: chat, completions, tools, JSON schemas"
+    )
+    _add_engine_args(p)
+    _add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", parents=common, help="architecture and sizes of a store")
     p.add_argument("store", metavar="STORE", type=store_path, help=STORE_HELP)

@@ -48,6 +48,7 @@ from flashmoe_backend.constrained.processor import (
 from flashmoe_backend.constrained.unique_items import enforced_while_decoding, response_guard
 from flashmoe_backend.constrained.vocabulary import Vocabulary
 from flashmoe_backend.errors import ResponseFormatError
+from flashmoe_backend.validation import a_type
 
 __all__ = [
     "Constraint",
@@ -179,7 +180,7 @@ def _normalize(rf: Any, whitespace: str | None) -> _Spec:
         )
     if not (isinstance(rf, type) or typing.get_origin(rf) is not None):
         raise ValueError(
-            f"unsupported response format {rf!r} (a {type(rf).__name__} value): pass a Pydantic "
+            f"unsupported response format {rf!r} ({a_type(rf)} value): pass a Pydantic "
             "model or other Python type, a JSON schema dict, a list of choices, "
             "{'type': 'regex', 'pattern': ...} or {'type': 'grammar', 'grammar': ...}")
     return _python_type_spec(rf, whitespace, dsl)

@@ -42,6 +42,8 @@ _CLOSING_MARGIN = 16
 _PROBE_HORIZON = 512
 _PROBE_EVERY = 32
 _CLOSING_CANDIDATES = 8
+# Bytes a finishing walk tries, best first, for one that moves the grammar on.
+_STATE_TRIALS = 6
 # Bytes of finishing text looked at per token left (tokens hold ~3-4 bytes of such text).
 _BYTES_PER_TOKEN = 4
 
@@ -226,23 +228,38 @@ class ConstrainedLogitsProcessor:
                     return None
                 out += forced
                 continue
-            mask = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
-            allowed = [b for b in order if mask[bt[b] >> 3] >> (bt[b] & 7) & 1]
-            if self.guard is not None:
-                allowed = self._unbanned_bytes(allowed, text + bytes(out), m)
+            here = self._allowed_bytes(m, order)
+            allowed = here if self.guard is None else self._unbanned_bytes(here, text + bytes(out), m)
             if not allowed:
                 return None
             # A byte chosen twice lately, or often in this walk, is tried after the others:
             # inside free-form text (a string, an email's local part, digits before a unit)
             # repeating a byte is a loop, not the way out.
-            pick = min(allowed, key=lambda b: (recent.count(b) >= 2,
-                                               often is not None and chosen[b] >= often))
+            ranked = sorted(allowed, key=lambda b: (recent.count(b) >= 2,
+                                                    often is not None and chosen[b] >= often))
+            # Better still, a byte after which other bytes are allowed than now: a digit of
+            # ``[0-9]+[wdhm]`` leaves the same choice (a loop), the unit moves on.
+            pick = next((b for b in ranked[:_STATE_TRIALS] if self._moves_on(m, b, here, order)),
+                        ranked[0])
             if not m.consume_token(bt[pick]):
                 return None
             out.append(pick)
             recent = (recent + bytes([pick]))[-8:]
             chosen[pick] += 1
         return bytes(out)
+
+    def _allowed_bytes(self, m: Any, order: list[int]) -> list[int]:
+        """The single bytes ``m`` allows next, in ``order``."""
+        bt = self.vocabulary.byte_token_ids
+        mask = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
+        return [b for b in order if mask[bt[b] >> 3] >> (bt[b] & 7) & 1]
+
+    def _moves_on(self, m: Any, byte: int, here: list[int], order: list[int]) -> bool:
+        """Whether ``byte`` finishes the structure or changes which bytes may follow."""
+        trial = m.deep_copy()
+        if not trial.consume_token(self.vocabulary.byte_token_ids[byte]):
+            return False
+        return bool(trial.is_accepting()) or self._allowed_bytes(trial, order) != here
 
     def _closing_phrase(self, m: Any) -> bytes:
         """The first of :data:`_CLOSING_PHRASES` the grammar allows here in full, or ``b""``."""
@@ -281,22 +298,36 @@ class ConstrainedLogitsProcessor:
         path = plans.get(self._generated[-1]) if self._generated else None
         if path is None or len(path) > left:
             path = self.finishing_path(left)
-        if not path or len(path) < left - _CLOSING_MARGIN:
-            return None  # cannot finish in time anyway, or still plenty of room
-        self._plans = {path[0]: path[1:]}
+        if not path:
+            return None  # cannot finish in time anyway
         allowed = _ids_from_words(words)
         allowed = allowed[allowed < min(self.vocabulary.size, logits.shape[-1])]
         scores = np.array(logits.reshape(-1)[mx.array(allowed)].astype(mx.float32))
+        if len(path) < left - _CLOSING_MARGIN:
+            # Still room, unless the model's favourite token commits to more than fits (a
+            # comma that opens another array item): then it is held to tokens that fit.
+            best = int(allowed[int(np.argmax(scores))])
+            rest = self._finishing_after(best, left)
+            if rest is not None:
+                self._plans = {best: rest}
+                return None
+        self._plans = {path[0]: path[1:]}
         for t in allowed[np.argsort(-scores)[:_CLOSING_CANDIDATES]].tolist():
             if t in self._plans or t in self._eos:
                 continue
-            trial = self.matcher.deep_copy()
-            rest = (self.finishing_path(left - 1, trial,
-                                        bytes(self._text) + self.vocabulary.token_bytes[t])
-                    if trial.consume_token(t) else None)
+            rest = self._finishing_after(t, left)
             if rest is not None:
                 self._plans[t] = rest
         return np.asarray(sorted(self._plans))
+
+    def _finishing_after(self, token: int, left: int) -> list[int] | None:
+        """A way to finish in ``left - 1`` tokens once ``token`` is taken, or None."""
+        if token in self._eos:
+            return [] if self.matcher.is_accepting() else None
+        trial = self.matcher.deep_copy()
+        if not trial.consume_token(token):
+            return None
+        return self.finishing_path(left - 1, trial, bytes(self._text) + self.vocabulary.token_bytes[token])
 
     # -- masking --------------------------------------------------------------------------------
 

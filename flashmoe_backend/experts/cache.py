@@ -3,7 +3,9 @@
 The cache never holds more than its budget. Experts the current computation needs are pinned
 while it runs, so eviction only ever drops experts nobody is about to use.
 
-Policies (O(1) or O(log n) per operation; neither sorts on eviction):
+Policies (O(1) or O(log n) per operation; neither sorts on eviction), by name or as objects
+(:class:`LRU`, :class:`LFU`, or anything with the :class:`ReplacementPolicy` methods, such as the
+benchmarks' oracles):
 
 * ``"lru"``: least recently used first.
 * ``"lfu"``: least frequently used first, with exponential aging, behind a recency guard. An
@@ -25,7 +27,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 Key = tuple[int, int]  # (MoE layer index, expert index)
 Value = TypeVar("Value")
@@ -42,7 +44,20 @@ DEFAULT_HALF_LIFE = 10240
 DEFAULT_GUARD = 10
 
 
-class _LRU:
+class ReplacementPolicy(Protocol):
+    """What ``ExpertCache`` asks of a policy: told of every use and removal, it names victims."""
+
+    def touch(self, key: Key) -> None:
+        """``key`` was used (a hit, or inserted)."""
+
+    def remove(self, key: Key) -> None:
+        """``key`` left the cache."""
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        """The entry to evict next, never a pinned one; None if every entry is pinned."""
+
+
+class LRU:
     """Least recently used first."""
 
     def __init__(self) -> None:
@@ -66,14 +81,15 @@ class _LRU:
         return None
 
 
-class _LFU:
+class LFU:
     """LFU with exponential aging (LRFU scores) behind a recency guard.
 
     An expert used within the last ``guard`` uses of its layer is never a victim (unless every
     unpinned entry is guarded; then the least recently used one goes): MoE routing reuses a
     large share of the previous token's experts, which plain LFU would evict first since they
     are new. Past the guard, experts are evicted by lowest aged use count. Scores are kept as
-    log2 so they never overflow, and survive eviction.
+    log2 so they never overflow, and survive eviction. A subclass may score experts otherwise
+    by overriding :meth:`score`.
     """
 
     def __init__(self, half_life: float = DEFAULT_HALF_LIFE, guard: int = DEFAULT_GUARD) -> None:
@@ -92,12 +108,14 @@ class _LFU:
         layer = key[0]
         now = self._clock.get(layer, 0) + 1
         self._clock[layer] = now
-        self._log_score[key] = self._new_score(key, now)
+        self._log_score[key] = self.score(key, now)
         self._main.discard(key)
         self._recent[key] = now
         self._recent.move_to_end(key)
 
-    def _new_score(self, key: Key, now: int) -> float:
+    def score(self, key: Key, now: int) -> float:
+        """``key``'s score (log2 of its aged use count) after a use at ``now``, counted in uses
+        of its layer; the lowest score past the guard is evicted first."""
         old = self._log_score.get(key)
         if math.isinf(self._half_life):
             score = 0.0 if old is None else math.log2(2.0**old + 1.0)
@@ -173,11 +191,13 @@ class _ScoreHeap:
         return found
 
 
-def make_policy(name: Policy, **options):
+def make_policy(name: Policy, **options) -> ReplacementPolicy:
+    """The policy called ``name`` (one of ``POLICIES``), built with ``options`` (``half_life`` and
+    ``guard`` for ``"lfu"``)."""
     if name == "lru":
-        return _LRU()
+        return LRU()
     if name == "lfu":
-        return _LFU(**options)
+        return LFU(**options)
     raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
 
 
@@ -195,15 +215,24 @@ class CacheCounters:
 class ExpertCache(Generic[Value]):
     """Byte-budgeted mapping (layer, expert) -> value, with pinning.
 
-    ``policy_options`` go to the policy (``half_life`` for ``"lfu"``).
+    ``policy`` is a name (``policy_options`` then go to :func:`make_policy`: ``half_life`` and
+    ``guard`` for ``"lfu"``) or a policy object (a :class:`ReplacementPolicy`, used as given).
     """
 
-    def __init__(self, budget_bytes: int, policy: Policy = DEFAULT_POLICY, **policy_options):
+    def __init__(
+        self, budget_bytes: int, policy: Policy | ReplacementPolicy = DEFAULT_POLICY, **policy_options
+    ):
         if budget_bytes <= 0:
             raise ValueError(f"cache budget must be positive, got {budget_bytes} bytes")
         self.budget_bytes = int(budget_bytes)
-        self.policy_name = policy
-        self._policy = make_policy(policy, **policy_options)
+        if isinstance(policy, str):
+            self.policy_name = policy
+            self._policy = make_policy(policy, **policy_options)
+        else:
+            if policy_options:
+                raise ValueError(f"options {sorted(policy_options)} apply to a policy given by name only")
+            self.policy_name = type(policy).__name__
+            self._policy = policy
         self._items: dict[Key, tuple[Value, int]] = {}
         self._pinned: set[Key] = set()
         self.counters = CacheCounters()

@@ -8,12 +8,14 @@ an expert as soon as its read completes, while the rest are still being read, an
 layer's experts into a stack. On the H200 (bench/RESULTS.md, 2,048 tokens of Qwen3.5-397B): the
 compute alone is a little faster than ``gather_qmm`` (95 against 109 ms for 512 experts), and
 a 4-layer streamed prefill takes 10.8 s against 14.3 s with the stack. Decode (a few rows per
-expert) and other devices keep ``gather_qmm``: see :func:`use_grouped`.
+expert) and other devices keep ``gather_qmm``: see :func:`use_grouped`, whose rule an
+:class:`ExpertPath` can change (benchmarks and tests force one path or the other with it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,15 +27,32 @@ from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 MIN_ROWS_PER_EXPERT = 4
 
 
-def use_grouped(template: nn.Module, slots: np.ndarray) -> bool:
-    """Whether :func:`grouped_switch` should compute this call (``slots``: [..., K] expert ids)."""
+@dataclass(frozen=True)
+class ExpertPath:
+    """The rule of :func:`use_grouped`. The defaults are the engine's, as measured; a benchmark or
+    a test passes others (``ExpertStreamer.path``) to time or run one path on purpose."""
+
+    grouped: bool = True  # False: never the grouped path (always mlx-lm's gather_qmm over a stack)
+    cuda_only: bool = True  # False: on any device (e.g. CUDA's path run on a CPU by the tests)
+    min_rows_per_expert: int = MIN_ROWS_PER_EXPERT  # 0: however few rows (decode too)
+
+
+#: The engine's rule.
+DEFAULT_PATH = ExpertPath()
+
+
+def use_grouped(template: nn.Module, slots: np.ndarray, path: ExpertPath = DEFAULT_PATH) -> bool:
+    """Whether :func:`grouped_switch` should compute this call (``slots``: [..., K] expert ids),
+    by the rule ``path``."""
     # Measured on CUDA only: on Metal the sorted gather is mlx-lm's fast path, and on CPU both ways
     # took the same time (a 64-expert, 512-token check).
-    if not isinstance(template, (SwitchGLU, SwitchMLP)) or not _on_cuda():
+    if not path.grouped or not isinstance(template, (SwitchGLU, SwitchMLP)):
+        return False
+    if path.cuda_only and not _on_cuda():
         return False
     if any(layer.get("global_scale") is not None for layer in _linears(template)):
         return False
-    return slots.size >= MIN_ROWS_PER_EXPERT * len(np.unique(slots))
+    return slots.size >= path.min_rows_per_expert * len(np.unique(slots))
 
 
 def _on_cuda() -> bool:

@@ -62,8 +62,10 @@ def _open(path: Path, page_cache: PageCache) -> tuple[int, bool]:
     return fd, False
 
 
-def _aligned_buffer(nbytes: int) -> np.ndarray:
-    """A page-aligned byte buffer (anonymous mmap), as O_DIRECT requires."""
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A zeroed, page-aligned ``uint8`` buffer of ``nbytes`` (an anonymous mmap), as O_DIRECT
+    reads into it require; the reader stages each record in one, and so can any other code that
+    reads the store's files with O_DIRECT (the benchmarks' raw disk reads)."""
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
 
 
@@ -116,7 +118,7 @@ class ExpertReader:
         try:
             return idle.get_nowait()
         except queue.Empty:
-            return _aligned_buffer(nbytes)
+            return aligned_buffer(nbytes)
 
     def _read_one(self, layer_index: int, expert: int) -> ExpertWeights:
         layer = self.manifest.layers[layer_index]

@@ -4,17 +4,21 @@ mlx-lm's MoE blocks call ``self.switch_mlp(x, indices)``. ``StreamingSwitch`` ha
 Per call it syncs the router's indices to the host, serves the needed experts from the cache,
 reads all misses of the layer at once, and runs the original ``SwitchGLU`` computation over a
 stack of just those experts (indices remapped to stack slots); on CUDA with many rows per expert
-it instead computes expert by expert as each read completes (``grouped_experts.py``), so the
+it instead computes expert by expert as each read completes (``grouped.py``), so the
 compute overlaps the reads. A prompt chunk goes through a layer as a whole, so prefill is
 layer-major and each needed expert is read once per chunk. When a chunk needs more experts than
 the cache budget holds, they are processed in groups that fit, each group evaluated before the
 next evicts it.
+
+Benchmarks and tests steer and watch the layers through the streamer, never by patching this
+module: ``ExpertStreamer.path`` (an ``ExpertPath``: when to take the grouped path) and
+``ExpertStreamer.hooks`` (``StreamHooks``: callbacks on each fetch, path choice and stack).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -25,7 +29,7 @@ from mlx.utils import tree_unflatten
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
 from flashmoe_backend.experts.cache import ExpertCache
-from flashmoe_backend.experts.grouped import grouped_switch, use_grouped
+from flashmoe_backend.experts.grouped import DEFAULT_PATH, ExpertPath, grouped_switch, use_grouped
 from flashmoe_backend.experts.reader import ExpertReader, ExpertWeights
 from flashmoe_backend.generation.stats import Step
 from flashmoe_backend.store.format import LayerSpec, Manifest, StoreError
@@ -60,13 +64,40 @@ class StreamCounters:
             counts[layer] += value
 
 
-class ExpertStreamer:
-    """Serves expert weights to the streaming layers: cache first, then one batched read."""
+@dataclass
+class StreamHooks:
+    """Callbacks into the streaming layers for benchmarks that record or time them (the engine
+    sets none); called on the thread that runs the model."""
 
-    def __init__(self, manifest: Manifest, reader: ExpertReader, cache: ExpertCache):
+    # each fetch of a layer's experts, (layer, experts), before anything is read
+    on_fetch: Callable[[int, list[int]], None] | None = None
+    # each computation over a group of experts: whether it takes the grouped path
+    on_path: Callable[[bool], None] | None = None
+    # the stacked path's experts (stack_experts) before the layer uses them; evaluating them
+    # there makes a timing barrier
+    on_stack: Callable[[dict[str, mx.array]], None] | None = None
+
+
+class ExpertStreamer:
+    """Serves expert weights to the streaming layers: cache first, then one batched read.
+
+    ``path`` decides when a layer computes expert by expert (the grouped path); ``hooks`` are
+    told what the layers do. Both are plain attributes a benchmark may set between calls.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        reader: ExpertReader,
+        cache: ExpertCache,
+        path: ExpertPath = DEFAULT_PATH,
+        hooks: StreamHooks | None = None,
+    ):
         self.manifest = manifest
         self.reader = reader
         self.cache = cache
+        self.path = path
+        self.hooks = hooks if hooks is not None else StreamHooks()
         self.counters = StreamCounters()
         self.steps: list[Step] | None = None  # the forward passes, while recording
         largest = max(layer.record_bytes for layer in manifest.layers)
@@ -115,6 +146,8 @@ class ExpertStreamer:
         first, then each miss as its read completes (all misses are read at once), so a caller
         can compute with the first experts while the rest are still being read. Pinned in the
         cache until ``release``; ``io_seconds`` counts only the time spent waiting here."""
+        if self.hooks.on_fetch is not None:
+            self.hooks.on_fetch(layer, list(experts))
         keys = [(layer, e) for e in experts]
         found = {e: self.cache.lookup(k) for e, k in zip(experts, keys, strict=True)}
         self.cache.pin(k for k in keys if k in self.cache)
@@ -149,7 +182,9 @@ class ExpertStreamer:
         self.cache.unpin_all()
 
 
-def _stack(weights: list[ExpertWeights]) -> dict[str, mx.array]:
+def stack_experts(weights: list[ExpertWeights]) -> dict[str, mx.array]:
+    """The experts' tensors stacked, one array per tensor name (``[len(weights), ...]``): the
+    parameters of a ``SwitchGLU`` holding just these experts, in this order (lazy)."""
     return {name: mx.stack([w[name] for w in weights]) for name in weights[0]}
 
 
@@ -169,15 +204,26 @@ class StreamingSwitch(nn.Module):
         self._layer = layer
         self._streamer = streamer
 
+    @property
+    def template(self) -> nn.Module:
+        """The layer's original ``SwitchGLU`` / ``SwitchMLP`` (outside the parameter tree); the
+        stacked path loads each call's experts into it."""
+        return self._template.module
+
     def _run(self, x: mx.array, host: np.ndarray, dtype: mx.Dtype, experts: list[int]) -> mx.array:
         """The original SwitchGLU computation over ``experts`` only (the ids ``host`` uses)."""
-        template = self._template.module
-        if use_grouped(template, host):
+        template, streamer = self.template, self._streamer
+        grouped = use_grouped(template, host, streamer.path)
+        if streamer.hooks.on_path is not None:
+            streamer.hooks.on_path(grouped)
+        if grouped:
             # Expert by expert as the reads complete: compute overlaps the remaining reads.
-            arriving = self._streamer.fetch_iter(self._layer, experts)
+            arriving = streamer.fetch_iter(self._layer, experts)
             return grouped_switch(template, x, host, arriving, eval_every=GROUPED_EVAL_EVERY)
-        weights = self._streamer.fetch(self._layer, experts)
-        template.update(tree_unflatten(list(_stack(weights).items())))
+        stacked = stack_experts(streamer.fetch(self._layer, experts))
+        if streamer.hooks.on_stack is not None:
+            streamer.hooks.on_stack(stacked)
+        template.update(tree_unflatten(list(stacked.items())))
         # Expert ids -> stack slots; monotonic, so SwitchGLU's sort order is unchanged.
         slot = np.zeros(max(experts) + 1, dtype=np.int64)
         slot[experts] = np.arange(len(experts))

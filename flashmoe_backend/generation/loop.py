@@ -47,7 +47,7 @@ def encode_prompt(
     """
     if isinstance(prompt, str):
         bos = tokenizer.bos_token
-        ids = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+        ids = _encode(tokenizer, prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
         if not ids:
             raise PromptError(f"the prompt {prompt!r} encodes to no tokens")
         return ids
@@ -80,7 +80,13 @@ def encode_prompt(
         )
     except TemplateError as e:  # the template's own checks (e.g. roles must alternate)
         raise PromptError(f"the chat template cannot render these messages: {e}") from e
-    return tokenizer.encode(text, add_special_tokens=False)
+    return _encode(tokenizer, text, add_special_tokens=False)
+
+
+def _encode(tokenizer: TokenizerWrapper, text: str, *, add_special_tokens: bool) -> list[int]:
+    # verbose=False: no transformers warning that the ids exceed the tokenizer's
+    # model_max_length; the engine checks the context window itself (ContextWindowError).
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens, verbose=False)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

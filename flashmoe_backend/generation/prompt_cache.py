@@ -76,21 +76,55 @@ def message_boundaries(
 ) -> list[int]:
     """Token offsets in ``prompt_ids`` where a reusable prefix ends: after the system block and
     before the newest message. Offsets whose rendering is not a token prefix are dropped."""
+    system = _system_messages(messages)
     ends = []
-    system = 0
-    while system < len(messages) and messages[system]["role"] == "system":
-        system += 1
     for n in sorted({system, len(messages) - 1}):
         if n <= 0 and not tools:
             continue
-        try:
-            head = tokenizer.apply_chat_template(
-                list(messages[:n]), tools=list(tools) if tools else None, tokenize=False,
-                add_generation_prompt=False,
-            )
-        except Exception:  # some templates refuse partial conversations: no boundary there
-            continue
-        ids = tokenizer.encode(head, add_special_tokens=False)
-        if 0 < len(ids) < len(prompt_ids) and list(prompt_ids[: len(ids)]) == ids:
-            ends.append(len(ids))
+        end = _prefix_end(tokenizer, messages[:n], prompt_ids, tools)
+        if end is not None:
+            ends.append(end)
     return ends
+
+
+def shared_prefix_end(
+    tokenizer: TokenizerWrapper,
+    messages: Sequence[dict],
+    prompt_ids: Sequence[int],
+    tools: Sequence[dict] | None = None,
+) -> int | None:
+    """The token offset in ``prompt_ids`` where the system block and the tool list end: the
+    prefix that other conversations share (what ``prompt_cache_dir`` keeps), or ``None`` when
+    there is neither or its rendering is not a token prefix."""
+    system = _system_messages(messages)
+    if system == 0 and not tools:
+        return None
+    return _prefix_end(tokenizer, messages[:system], prompt_ids, tools)
+
+
+def _system_messages(messages: Sequence[dict]) -> int:
+    """How many messages the leading system block has."""
+    system = 0
+    while system < len(messages) and messages[system]["role"] == "system":
+        system += 1
+    return system
+
+
+def _prefix_end(
+    tokenizer: TokenizerWrapper,
+    head: Sequence[dict],
+    prompt_ids: Sequence[int],
+    tools: Sequence[dict] | None,
+) -> int | None:
+    """The length of ``head``'s rendering when it is a strict token prefix of ``prompt_ids``."""
+    try:
+        text = tokenizer.apply_chat_template(
+            list(head), tools=list(tools) if tools else None, tokenize=False,
+            add_generation_prompt=False,
+        )
+    except Exception:  # some templates refuse partial conversations: no boundary there
+        return None
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if 0 < len(ids) < len(prompt_ids) and list(prompt_ids[: len(ids)]) == ids:
+        return len(ids)
+    return None

@@ -22,6 +22,7 @@ flashmoe versions read too.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from collections import Counter
@@ -123,41 +124,105 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict, source: Path) -> Manifest:
-        try:
-            if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-                raise StoreError(f"{source}: not a flashmoe store manifest")
-            if data.get("version") not in SUPPORTED_VERSIONS:
-                raise StoreError(
-                    f"{source}: store format version {data.get('version')} is not supported "
-                    f"(this flashmoe reads versions {', '.join(map(str, SUPPORTED_VERSIONS))}); "
-                    f"re-pack the model"
-                )
-            layers = [
-                LayerSpec(
-                    module=layer["module"],
-                    file=layer["file"],
-                    num_experts=int(layer["num_experts"]),
-                    record_bytes=int(layer["record_bytes"]),
-                    tensors=[
-                        TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t["offset"], t["nbytes"])
-                        for t in layer["tensors"]
-                    ],
-                    quantization=layer["quantization"],
-                    checksums=[int(c) for c in layer["checksums"]],
-                )
-                for layer in data["layers"]
-            ]
-            for layer in layers:
-                _check_quantization_fields(source, layer)
-            return cls(
-                model_type=data["model_type"],
-                layers=layers,
-                tokenizer_files=list(data["tokenizer_files"]),
-                alignment=int(data["alignment"]),
-                version=int(data["version"]),
+        """The manifest of parsed ``manifest.json`` data; ``StoreError`` naming ``source`` and
+        the field at fault (``layers[0].num_experts``) for a missing field or a bad value."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise StoreError(f"{source}: not a flashmoe store manifest")
+        if data.get("version") not in SUPPORTED_VERSIONS:
+            raise StoreError(
+                f"{source}: store format version {data.get('version')} is not supported "
+                f"(this flashmoe reads versions {', '.join(map(str, SUPPORTED_VERSIONS))}); "
+                f"re-pack the model"
             )
-        except (KeyError, TypeError) as e:
-            raise StoreError(f"{source}: malformed manifest, missing or bad field {e}") from e
+        fields = _ManifestFields(source)
+        layers = []
+        for i, layer in enumerate(fields.objects(data, "layers")):
+            at = f"layers[{i}]"
+            tensors = [
+                TensorSpec(
+                    fields.text(t, "name", f"{at}.tensors[{j}]"),
+                    fields.text(t, "dtype", f"{at}.tensors[{j}]"),
+                    tuple(fields.integers(t, "shape", f"{at}.tensors[{j}]")),
+                    fields.integer(t, "offset", f"{at}.tensors[{j}]", minimum=0),
+                    fields.integer(t, "nbytes", f"{at}.tensors[{j}]", minimum=0),
+                )
+                for j, t in enumerate(fields.objects(layer, "tensors", at))
+            ]
+            spec = LayerSpec(
+                module=fields.text(layer, "module", at),
+                file=fields.text(layer, "file", at),
+                num_experts=fields.integer(layer, "num_experts", at, minimum=1),
+                record_bytes=fields.integer(layer, "record_bytes", at, minimum=1),
+                tensors=tensors,
+                quantization=fields.get(layer, "quantization", at),
+                checksums=fields.integers(layer, "checksums", at, crc32=True),
+            )
+            _check_quantization_fields(source, spec)
+            layers.append(spec)
+        return cls(
+            model_type=fields.text(data, "model_type"),
+            layers=layers,
+            tokenizer_files=[
+                fields.check(name, isinstance(name, str), f"tokenizer_files[{k}]", "a string")
+                for k, name in enumerate(fields.get(data, "tokenizer_files", kind=list, what="a list"))
+            ],
+            alignment=fields.integer(data, "alignment", minimum=1),
+            version=int(data["version"]),
+        )
+
+
+class _ManifestFields:
+    """Typed reads of ``manifest.json`` fields: a missing field or a bad value is a
+    ``StoreError`` naming the file and the field's path (``layers[2].tensors[0].offset``)."""
+
+    def __init__(self, source: Path):
+        self.source = source
+
+    def check(self, value, ok: bool, field: str, what: str):
+        """``value`` if ``ok``, else the error that the field must be ``what``."""
+        if not ok:
+            raise StoreError(
+                f"{self.source}: malformed manifest: field '{field}' must be {what}, got {value!r}; "
+                "re-pack the store"
+            )
+        return value
+
+    def get(self, obj: dict, key: str, at: str = "", kind: type | None = None, what: str = ""):
+        field = f"{at}.{key}" if at else key
+        if key not in obj:
+            raise StoreError(f"{self.source}: malformed manifest: missing field '{field}'; re-pack the store")
+        value = obj[key]
+        return value if kind is None else self.check(value, isinstance(value, kind), field, what)
+
+    def text(self, obj: dict, key: str, at: str = "") -> str:
+        return self.get(obj, key, at, str, "a string")
+
+    def integer(self, obj: dict, key: str, at: str = "", *, minimum: int) -> int:
+        value = self.get(obj, key, at)
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        return self.check(value, _is_int(value) and value >= minimum, f"{at}.{key}" if at else key, what)
+
+    def integers(self, obj: dict, key: str, at: str = "", *, crc32: bool = False) -> list[int]:
+        """A list of integers >= 0 (CRC32s with ``crc32``: below 2**32)."""
+        field = f"{at}.{key}" if at else key
+        values = self.get(obj, key, at, list, "a list of integers")
+        what = "a CRC32 (an integer in [0, 2**32))" if crc32 else "an integer >= 0"
+        for k, v in enumerate(values):
+            self.check(v, _is_int(v) and 0 <= v < (2**32 if crc32 else math.inf), f"{field}[{k}]", what)
+        return list(values)
+
+    def objects(self, obj: dict, key: str, at: str = "") -> list[dict]:
+        """A non-empty list of JSON objects."""
+        field = f"{at}.{key}" if at else key
+        values = self.get(obj, key, at, list, "a non-empty list of objects")
+        self.check(values, bool(values), field, "a non-empty list of objects")
+        for k, v in enumerate(values):
+            self.check(v, isinstance(v, dict), f"{field}[{k}]", "an object")
+        return values
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 QUANT_KEYS = ("group_size", "bits", "mode")
@@ -241,12 +306,12 @@ def checksum(buffer) -> int:
 
 
 def read_manifest(store: Path) -> Manifest:
-    """Read and parse ``manifest.json`` of a store."""
+    """Read and parse ``manifest.json`` of a store. A path without a store is refused as
+    ``FlashMoE.load`` refuses it (``find_store``: ``StoreNotFoundError``, one wording)."""
+    from flashmoe_backend.store.source import find_store  # here: source imports this module
+
+    store = find_store(store)
     path = store / MANIFEST
-    if not store.is_dir():
-        raise StoreError(f"{store}: no such store directory")
-    if not path.is_file():
-        raise StoreError(f"{path}: missing; {store} is not a flashmoe store (run `flashmoe pack`)")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:

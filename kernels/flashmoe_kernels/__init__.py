@@ -12,6 +12,7 @@ from .gated_delta import (
     gated_delta_cuda,
     gated_delta_update_fast,
     install_fast_gated_delta,
+    recorded_gated_delta_paths,
     select_gated_delta_path,
     uninstall_fast_gated_delta,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "gated_delta_cuda",
     "gated_delta_update_fast",
     "install_fast_gated_delta",
+    "recorded_gated_delta_paths",
     "select_gated_delta_path",
     "uninstall_fast_gated_delta",
 ]

@@ -309,12 +309,10 @@ def _load_script(name: str):
 
 
 def test_h200_layers_tiny(tmp_path, monkeypatch):
-    from flashmoe_backend.experts import grouped as grouped_experts
-
-    monkeypatch.setattr(grouped_experts, "_on_cuda", lambda: True)  # CUDA's expert paths, on CPU
     script = _load_script("h200_layers")
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
-    report = script.main(["--tiny", "--workdir", str(tmp_path / "work")])
+    # --grouped-off-cuda: CUDA's expert paths, on CPU
+    report = script.main(["--tiny", "--grouped-off-cuda", "--workdir", str(tmp_path / "work")])
     saved = json.loads((tmp_path / "out" / "h200.json").read_text())
     assert saved["config"]["tiny"] is True and saved == json.loads(json.dumps(report, default=str))
     decode = report["decode"]
@@ -371,15 +369,12 @@ def test_h200_layers_prefill_only_tiny(tmp_path):
     assert report["prefill"]["gated_delta_paths"] == ["chunked"] * 3
 
 
-def test_h200_layers_prefill_grouped_and_stacked_tiny(tmp_path, monkeypatch):
-    from flashmoe_backend.experts import grouped as grouped_experts
-
-    monkeypatch.setattr(grouped_experts, "_on_cuda", lambda: True)  # CUDA's expert path, on CPU
+def test_h200_layers_prefill_grouped_and_stacked_tiny(tmp_path):
     script = _load_script("h200_layers")
     runs = {}
     for flag in ([], ["--stacked"]):
         argv = ["--tiny", "--prefill-only", "--prefill", "64", "--prefill-runs", "1",
-                "--workdir", str(tmp_path / "work"), *flag]
+                "--grouped-off-cuda", "--workdir", str(tmp_path / "work"), *flag]  # CUDA's path, on CPU
         runs["stacked" if flag else "grouped"] = script.main(argv)["prefill"]
     grouped, stacked = runs["grouped"], runs["stacked"]
     assert grouped["grouped_expert_calls"] == 4 and stacked["grouped_expert_calls"] == 0
@@ -409,8 +404,7 @@ def test_router_recall_recomputes_the_engines_own_routing():
 
     engine = FlashMoE.load(default_store(), cache_gb=1.0)
     fetched = []
-    fetch_iter = engine.streamer.fetch_iter
-    engine.streamer.fetch_iter = lambda layer, es: fetched.append(set(es)) or fetch_iter(layer, es)
+    engine.streamer.hooks.on_fetch = lambda layer, es: fetched.append(set(es))
     with record_states(engine.model) as passes:
         engine.generate("Who sold the bicycle?", max_tokens=6, temperature=0.0)
     layers = len(moe_layers(engine.model))

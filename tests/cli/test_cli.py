@@ -120,23 +120,38 @@ def test_bad_argument_is_one_line_and_exit_2(argv, message, capsys):
 # -- engine and store errors: the same line, exit 2; --debug shows the traceback -------------------
 
 
+STORE_COMMANDS = [["info"], ["verify"], ["generate", "-p", "hi"], ["chat"]]
+
+
+def _with_store(command: list[str], store) -> list[str]:
+    return [command[0], str(store), *command[1:]]
+
+
 def test_missing_store_is_an_error_line(tmp_path, capsys):
-    code, out, err = run(["generate", str(tmp_path / "nowhere"), "-p", "hi"], capsys)
-    assert (code, out) == (2, "")
-    assert err.startswith(f"flashmoe: error: {tmp_path / 'nowhere'}: no such store directory")
-    assert err.count("\n") == 1
+    # One wording whichever command (and FlashMoE.load) meets the path.
+    from flashmoe_backend import FlashMoE
+    from flashmoe_backend.errors import StoreNotFoundError
+
+    missing = tmp_path / "nowhere"
+    expected = f"{missing}: no such store directory; make a store with `flashmoe pack`"
+    with pytest.raises(StoreNotFoundError) as caught:
+        FlashMoE.load(missing)
+    assert str(caught.value) == expected
+    for command in STORE_COMMANDS:
+        assert run(_with_store(command, missing), capsys) == (2, "", f"flashmoe: error: {expected}\n")
 
 
 def test_directory_that_is_not_a_store(tmp_path, capsys):
-    for argv in (["info", str(tmp_path)], ["chat", str(tmp_path)], ["verify", str(tmp_path)]):
-        code, _, err = run(argv, capsys)
-        assert code == 2, argv
-        assert (
-            err.startswith("flashmoe: error: ")
-            and f"flashmoe: error: {tmp_path}" in err
-            and "not a flashmoe store" in err
-        )
-        assert "Traceback" not in err
+    from flashmoe_backend import FlashMoE
+    from flashmoe_backend.errors import StoreNotFoundError
+
+    expected = f"{tmp_path}: not a flashmoe store (no manifest.json); make one with `flashmoe pack`"
+    with pytest.raises(StoreNotFoundError) as caught:
+        FlashMoE.load(tmp_path)
+    assert str(caught.value) == expected
+    for command in STORE_COMMANDS:
+        code, out, err = run(_with_store(command, tmp_path), capsys)
+        assert (code, out, err) == (2, "", f"flashmoe: error: {expected}\n"), command
 
 
 def test_missing_checkpoint_for_pack(tmp_path, capsys):
@@ -184,14 +199,41 @@ def test_flashmoe_errors_map_to_exit_2_and_bugs_do_not(monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["-k", "99"], "flashmoe: error: experts_per_token is 99 but the model has 32 experts per layer"),
-        (["--cache-gb", "1e-12"], "flashmoe: error: cache budget of 0 bytes cannot hold one expert record"),
+        pytest.param(
+            ["-k", "99"],
+            "flashmoe: error: experts_per_token is 99 but the model has 32 experts per layer",
+            id="experts-per-token-too-many",
+        ),
+        pytest.param(
+            ["--cache-gb", "1e-12"],
+            "flashmoe: error: cache budget of 0 bytes cannot hold one expert record",
+            id="cache-below-one-record",
+        ),
+        pytest.param(
+            ["-m", "40000"],
+            "flashmoe: error: the prompt (15 tokens) plus max_tokens (40000) is 40015 tokens, beyond "
+            "the model's context window of 32768; lower max_tokens to at most 32753",
+            id="context-overflow",
+        ),
     ],
 )
 def test_engine_refusals_are_one_line(argv, message, capsys):
     code, out, err = run(["generate", "demo", "-p", "Hello", "-m", "4", *argv], capsys)
     assert (code, out) == (2, "")
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_cache_too_small_for_a_token_is_a_warning_line(capsys):
+    from flashmoe_backend.store.format import read_manifest
+
+    record = max(layer.record_bytes for layer in read_manifest(default_store()).layers)
+    budget = str(2 * record / 1024**3)  # two records: a token needs four
+    code, out, err = run(["generate", "demo", "-p", "Hello", "-m", "2", "--cache-gb", budget], capsys)
+    assert code == 0 and out.strip()
+    assert err.startswith(
+        "flashmoe: warning: expert cache budget of 0.03 MiB cannot hold one token's experts of a layer"
+    )
+    assert "Traceback" not in err and "warnings.warn" not in err
 
 
 def test_warnings_are_one_line(monkeypatch, capsys):

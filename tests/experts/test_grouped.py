@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
 from flashmoe_backend.experts import grouped as grouped_experts
-from flashmoe_backend.experts.grouped import grouped_switch, use_grouped
+from flashmoe_backend.experts.grouped import ExpertPath, grouped_switch, use_grouped
 
 
 def _routes(tokens: int, experts: int, k: int, seed: int = 0) -> np.ndarray:
@@ -47,14 +47,14 @@ def test_grouped_switch_names_the_experts_it_was_not_given():
         grouped_switch(module, mx.zeros((1, 40, 64)), slots, some)
 
 
-def test_use_grouped_only_on_cuda_and_for_many_rows(monkeypatch):
+def test_use_grouped_only_on_cuda_and_for_many_rows():
     module = SwitchGLU(64, 32, 8)
     many, few = _routes(40, 8, 3), _routes(2, 8, 3)
     assert not use_grouped(module, many)  # this machine's CPU: gather_qmm
-    monkeypatch.setattr(grouped_experts, "_on_cuda", lambda: True)
-    assert use_grouped(module, many)
-    assert not use_grouped(module, few)  # decode: a row or two per expert
-    assert not use_grouped(nn.Linear(4, 4), many)
+    anywhere = ExpertPath(cuda_only=False)  # the rule as on CUDA
+    assert use_grouped(module, many, anywhere)
+    assert not use_grouped(module, few, anywhere)  # decode: a row or two per expert
+    assert not use_grouped(nn.Linear(4, 4), many, anywhere)
 
 
 def test_engine_logits_unchanged_with_the_grouped_path(monkeypatch):
@@ -66,7 +66,7 @@ def test_engine_logits_unchanged_with_the_grouped_path(monkeypatch):
     want = engine.model(ids)
     mx.eval(want)
     calls = []
-    monkeypatch.setattr(grouped_experts, "_on_cuda", lambda: True)
+    engine.streamer.path = ExpertPath(cuda_only=False)  # CUDA's rule, on this CPU
     real = grouped_experts.grouped_switch
     monkeypatch.setattr("flashmoe_backend.experts.switch.grouped_switch",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))

@@ -190,13 +190,83 @@ def test_missing_tokenizer_file(store_copy):
 
 
 def test_corrupt_manifest(store_copy):
+    text = (store_copy / "manifest.json").read_text()
     (store_copy / "manifest.json").write_text("{not json")
     with pytest.raises(StoreError, match=r"manifest\.json: not valid JSON"):
         FlashMoE.load(store_copy)
+    (store_copy / "manifest.json").write_text(text[: len(text) // 2])  # truncated
+    with pytest.raises(StoreError, match=r"manifest\.json: not valid JSON \(.* line \d+ column \d+"):
+        FlashMoE.load(store_copy)
     (store_copy / "manifest.json").write_text(json.dumps({"format": "flashmoe-store",
                                                           "version": 1}))
-    with pytest.raises(StoreError, match="missing or bad field"):
+    with pytest.raises(StoreError, match="malformed manifest: missing field 'layers'; re-pack the store"):
         FlashMoE.load(store_copy)
+
+
+def _set(path: str, value):
+    """An edit of the manifest's data: the field at ``path`` ("layers.0.num_experts") set to
+    ``value``, or removed when ``value`` is ``_DELETE``."""
+
+    def edit(data):
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        for key in parents:
+            data = data[key]
+        if value is _DELETE:
+            del data[last]
+        else:
+            data[last] = value
+
+    return edit
+
+
+_DELETE = object()
+
+# (id, edit of manifest.json's data, the message after "manifest.json: ")
+# fmt: off
+MALFORMED_MANIFESTS = [
+    ("num-experts-str", _set("layers.0.num_experts", "lots"),
+     "malformed manifest: field 'layers[0].num_experts' must be a positive integer, got 'lots'; "
+     "re-pack the store"),
+    ("num-experts-float", _set("layers.1.num_experts", 15.5),
+     "field 'layers[1].num_experts' must be a positive integer, got 15.5"),
+    ("record-bytes-zero", _set("layers.0.record_bytes", 0),
+     "field 'layers[0].record_bytes' must be a positive integer, got 0"),
+    ("alignment-str", _set("alignment", "lots"), "field 'alignment' must be a positive integer, got 'lots'"),
+    ("checksum-str", _set("layers.0.checksums.3", "x"),
+     "field 'layers[0].checksums[3]' must be a CRC32 (an integer in [0, 2**32)), got 'x'"),
+    ("checksums-not-list", _set("layers.0.checksums", 7),
+     "field 'layers[0].checksums' must be a list of integers, got 7"),
+    ("offset-str", _set("layers.0.tensors.0.offset", "x"),
+     "field 'layers[0].tensors[0].offset' must be an integer >= 0, got 'x'"),
+    ("shape-not-list", _set("layers.0.tensors.1.shape", 7),
+     "field 'layers[0].tensors[1].shape' must be a list of integers, got 7"),
+    ("dtype-not-str", _set("layers.0.tensors.0.dtype", 4),
+     "field 'layers[0].tensors[0].dtype' must be a string, got 4"),
+    ("layers-empty", _set("layers", []), "field 'layers' must be a non-empty list of objects, got []"),
+    ("layer-not-object", _set("layers.0", "layer"), "field 'layers[0]' must be an object, got 'layer'"),
+    ("file-missing", _set("layers.0.file", _DELETE), "malformed manifest: missing field 'layers[0].file'"),
+    ("tokenizer-file-int", _set("tokenizer_files.0", 1),
+     "field 'tokenizer_files[0]' must be a string, got 1"),
+    ("version-unsupported", _set("version", 9),
+     "store format version 9 is not supported (this flashmoe reads versions 1, 2); re-pack the model"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"), [pytest.param(*case[1:], id=case[0]) for case in MALFORMED_MANIFESTS]
+)
+def test_malformed_manifest_field_is_named(store_copy, capsys, edit, message):
+    path = store_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(StoreError) as caught:
+        FlashMoE.load(store_copy)
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+    assert main(["info", str(store_copy)]) == 2  # one line, no traceback
+    err = capsys.readouterr().err
+    assert err == f"flashmoe: error: {caught.value}\n"
 
 
 def test_cli_pack_info_verify_generate(hf_dir, tmp_path, capsys):

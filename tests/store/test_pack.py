@@ -382,8 +382,16 @@ def test_bad_source_is_named_and_nothing_is_written(hf, tmp_path, case):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(group_size=48), r"--group-size 48 is not supported; choose one of \(32, 64, 128\)"),
-        (dict(dtype="float8"), r"--dtype 'float8' is not supported; choose one of float16, bfloat16"),
+        pytest.param(
+            dict(group_size=48),
+            r"--group-size 48 is not supported; choose one of \(32, 64, 128\)",
+            id="group-size-48",
+        ),
+        pytest.param(
+            dict(dtype="float8"),
+            r"--dtype 'float8' is not supported; choose one of float16, bfloat16",
+            id="dtype-float8",
+        ),
     ],
 )
 def test_bad_options(hf, tmp_path, options, message):

@@ -38,6 +38,12 @@ def test_complete_answers_with_default_settings(demo: FlashMoE) -> None:
     assert "thinking" not in response.additional_kwargs
 
 
+def test_complete_answers_with_nothing_but_the_store() -> None:
+    # Not even the cache budget: FlashMoE(model="demo") as a newcomer writes it.
+    response = FlashMoE(model="demo").complete(f"Context:\n{DOCUMENT}\n\nQuestion: {QUESTION}")
+    assert "pharmacist" in response.text, response
+
+
 def test_complete_hello_answers_with_default_settings(demo: FlashMoE) -> None:
     assert demo.complete("Hello").text.strip()
 
@@ -77,6 +83,12 @@ def test_missing_store_is_a_file_not_found_error(tmp_path: Path) -> None:
     cases.assert_missing_store_refused(FlashMoE, tmp_path)
 
 
+def test_no_model_and_no_engine_is_refused() -> None:
+    message = r"FlashMoE needs `model` \(a flashmoe store directory\) or `engine`"
+    with pytest.raises(ValueError, match=message):
+        FlashMoE()
+
+
 def _image() -> list[ChatMessage]:
     return [
         ChatMessage(
@@ -95,6 +107,7 @@ def _robot(m: FlashMoE) -> Any:
 BAD_CALLS: dict[str, Any] = {
     "image-part": lambda m: m.chat(_image()),
     "unknown-role": _robot,
+    "empty-prompt": lambda m: m.complete(""),
     "max-tokens-zero": lambda m: m.complete("x", max_tokens=0),
     "temperature-negative": lambda m: m.chat(X, temperature=-1),
     "stream-max-tokens-zero": lambda m: list(m.stream_chat(X, max_tokens=0)),

@@ -18,6 +18,7 @@ from .dispatch import (
     fast_gated_delta,
     gated_delta_update_fast,
     install_fast_gated_delta,
+    recorded_gated_delta_paths,
     select_gated_delta_path,
     uninstall_fast_gated_delta,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "gated_delta_update_fast",
     "install_fast_gated_delta",
     "make_inputs",
+    "recorded_gated_delta_paths",
     "select_gated_delta_path",
     "uninstall_fast_gated_delta",
 ]

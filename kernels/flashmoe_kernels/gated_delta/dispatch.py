@@ -18,6 +18,7 @@ of T compiled one-token steps, i.e. 2,048 dependent steps per layer for a 2,048-
 * :func:`install_fast_gated_delta` / :func:`uninstall_fast_gated_delta` /
   :func:`fast_gated_delta` route mlx-lm's ``qwen3_5`` (hence ``qwen3_5_moe``) and ``qwen3_next``
   models through :func:`gated_delta_update_fast`.
+* :func:`recorded_gated_delta_paths`: the path each call took, for benchmarks.
 
 The shared contract (shapes, dtypes, masks): :mod:`.contract`.
 """
@@ -40,6 +41,7 @@ __all__ = [
     "gated_delta_cuda",
     "gated_delta_update_fast",
     "install_fast_gated_delta",
+    "recorded_gated_delta_paths",
     "select_gated_delta_path",
     "uninstall_fast_gated_delta",
 ]
@@ -53,6 +55,9 @@ PATCHED_MODULES: tuple[str, ...] = ("mlx_lm.models.qwen3_5", "mlx_lm.models.qwen
 #: chunk than the GPU-friendly 64 wins (Qwen3.5-397B heads, T=2048, 2-core x86, MLX's bundled
 #: BLAS: 5.3 s at 32 against 8.7 s at 64; bench/RESULTS.md).
 CPU_CHUNK = 32
+
+# The lists recorded_gated_delta_paths yields, while their blocks run.
+_recorders: list[list[str]] = []
 
 
 def select_gated_delta_path(T: int, Dk: int, g_ndim: int = 3, use_kernel: bool = True) -> str:
@@ -109,6 +114,8 @@ def gated_delta_update_fast(
         state = mx.zeros((B, Hv, Dv, Dk), dtype=mx.float32)
 
     path = select_gated_delta_path(T, Dk, g.ndim, use_kernel)
+    for paths in _recorders:
+        paths.append(path)
     if path == "metal":
         return _mlx_gd.gated_delta_kernel(q, k, v, g, beta, state, mask)
     if path == "cuda":
@@ -163,6 +170,19 @@ def uninstall_fast_gated_delta() -> bool:
     """Put back every original that :func:`install_fast_gated_delta` replaced; return whether
     anything changed."""
     return bool(_restore(list(_originals)))
+
+
+@contextlib.contextmanager
+def recorded_gated_delta_paths() -> Iterator[list[str]]:
+    """Context manager: the path :func:`gated_delta_update_fast` takes for each call in the
+    block (what :func:`select_gated_delta_path` returned), appended to the list yielded; for
+    benchmarks that report which recurrence a model ran."""
+    paths: list[str] = []
+    _recorders.append(paths)
+    try:
+        yield paths
+    finally:
+        _recorders.remove(paths)
 
 
 @contextlib.contextmanager

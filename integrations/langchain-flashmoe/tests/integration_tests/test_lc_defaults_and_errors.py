@@ -33,6 +33,12 @@ def test_invoke_answers_with_default_settings(demo: ChatFlashMoE) -> None:
     assert "reasoning_content" not in answer.additional_kwargs
 
 
+def test_invoke_answers_with_nothing_but_the_store() -> None:
+    # Not even the cache budget: ChatFlashMoE(model="demo") as a newcomer writes it.
+    answer = ChatFlashMoE(model="demo").invoke(GROUNDED)
+    assert "pharmacist" in answer.content, answer
+
+
 def test_invoke_hello_answers_with_default_settings(demo: ChatFlashMoE) -> None:
     assert demo.invoke("Hello").content.strip()
 
@@ -73,6 +79,7 @@ def _image() -> list:
 BAD_CALLS: dict[str, Any] = {
     "image-part": lambda m: m.invoke(_image()),
     "unknown-role": lambda m: m.invoke([ChatMessage(role="robot", content="beep")]),
+    "empty-prompt": lambda m: m.invoke(""),
     "max-tokens-zero": lambda m: m.invoke("x", max_tokens=0),
     "temperature-negative": lambda m: m.invoke("x", temperature=-1),
     "stream-max-tokens-zero": lambda m: list(m.stream("x", max_tokens=0)),
@@ -91,3 +98,8 @@ BAD_CALLS: dict[str, Any] = {
 @pytest.mark.parametrize(("call", "error", "fragment"), cases.bad_calls(BAD_CALLS))
 def test_bad_call_is_the_engines_error(demo: ChatFlashMoE, call, error: type, fragment: str) -> None:
     cases.assert_bad_call_refused(call, demo, error, fragment)
+
+
+def test_structured_output_with_an_unknown_method_is_refused(demo: ChatFlashMoE) -> None:
+    with pytest.raises(ValueError, match="unknown method 'xml'; expected 'json_schema', 'function_calling'"):
+        demo.with_structured_output({"type": "object"}, method="xml")  # type: ignore[arg-type]
