@@ -30,13 +30,20 @@ and measures:
   expert in device memory (the mlx-lm speed ceiling), which also checks that the streamed layers
   compute the same logits.
 
-On the GPU machine (with MLX's CUDA build), from the repository root:
+Each decode run is repeated ``--runs`` times (default 2), each from a cold cache: its
+``seconds_per_token`` is their median, with min, max and each run's in ``seconds_per_token_spread``.
+The prefill runs ``--prefill-runs`` times; the first of a process also compiles kernels, so the
+median and spread are of the later runs (``warm_seconds``).
 
-    python -m bench.h200_layers [--layers 8] [--workdir /tmp/h200]
+On the GPU machine (with MLX's CUDA build; the setup is in bench/RESULTS.md), from the repository
+root:
+
+    python -m bench.h200_layers [--layers 8] [--workdir /tmp/h200] --json $OUT/h200.json
 
 Tiny, on CPU (tests/bench/test_bench.py runs this): ``python -m bench.h200_layers --tiny``.
-Prints the JSON report and writes it to ``$OUT/h200.json`` when ``OUT`` is set. The store is
-deleted at the end unless ``--keep-store``.
+Prints the JSON report (and a summary of the headline figures on stderr); ``--json PATH`` also
+writes it to PATH, and what is done so far to PATH's ``.partial.json`` after each step. The store
+is deleted at the end unless ``--keep-store``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 import traceback
@@ -79,6 +87,19 @@ GiB = 1024**3
 
 def log(msg: str) -> None:
     print(f"[h200 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def spread(values: list[float]) -> dict:
+    """A headline figure over its runs: the median, min, max and each run's value."""
+    return {"runs": len(values), "median": statistics.median(values), "min": min(values),
+            "max": max(values), "each": list(values)}
+
+
+def spread_text(s: dict, scale: float = 1.0, digits: int = 1) -> str:
+    """``spread`` in words: ``211.3 (min-max 209.0-214.1, 2 runs)``."""
+    f = f"{{:.{digits}f}}"
+    return (f"{f.format(s['median'] * scale)} (min-max {f.format(s['min'] * scale)}-"
+            f"{f.format(s['max'] * scale)}, {s['runs']} run{'s' * (s['runs'] != 1)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +177,42 @@ def decode(
         scale = total / sum(parts.values())  # exact sum (the max(0, .) clamps are tiny)
         out["components_seconds_per_token"] = {k: v * scale / tokens for k, v in parts.items()}
     return out
+
+
+def combine(runs: list[dict]) -> dict:
+    """Repeats of one decode run as one: ``seconds_per_token`` their median (``spread`` in
+    ``seconds_per_token_spread``), the time split each part's median scaled to sum to it; the rest
+    (tokens fed, logits, cache traffic: the same tokens every run) from the first run."""
+    out = dict(runs[0])
+    s = spread([r["seconds_per_token"] for r in runs])
+    out.update(seconds_per_token=s["median"], seconds_per_token_spread=s)
+    if "components_seconds_per_token" in out:
+        parts = {k: statistics.median(r["components_seconds_per_token"][k] for r in runs)
+                 for k in out["components_seconds_per_token"]}
+        scale = s["median"] / (sum(parts.values()) or 1.0)
+        out["components_seconds_per_token"] = {k: v * scale for k, v in parts.items()}
+    return out
+
+
+def summary(report: dict) -> list[str]:
+    """The headline figures, one line each: decode ms/token and prefill seconds, with spreads."""
+    lines = []
+    for name, r in (report.get("decode_runs") or {}).items():
+        if r:
+            lines.append(f"decode {name}: {spread_text(r['seconds_per_token_spread'], 1e3)} ms/token, "
+                         f"x{r['measured_over_floor']:.2f} floor")
+    ref = report.get("in_memory")
+    if ref:
+        s = spread_text(ref["seconds_per_token_spread"], 1e3)
+        lines.append(f"decode, all experts in memory: {s} ms/token")
+    p = report.get("prefill")
+    if p:
+        line = f"prefill {p['prompt_tokens']} tokens: first run {p['first_run_seconds']:.2f} s"
+        if "warm_seconds" in p:
+            line += (f"; warm {spread_text(p['warm_seconds'], digits=2)} s, "
+                     f"{spread_text(p['warm_over_one_pass'], digits=2)}x one pass")
+        lines.append(line)
+    return lines
 
 
 def fresh(streamer: ExpertStreamer, reader, budget: int, policy: str, files) -> None:
@@ -250,6 +307,10 @@ def parse(argv):
         "--no-reference", dest="reference", action="store_false", help="skip the all-experts-in-memory run"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=2,
+                   help="repeats of each decode run, each from a cold cache (median and spread reported)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the report here (and what is done so far to PATH's .partial.json)")
     p.add_argument("--prefill-only", action="store_true", help="only write the store and measure prefill")
     p.add_argument("--prefill-runs", type=int, default=2,
                    help="prefill the prompt this many times (the first also compiles kernels)")
@@ -257,7 +318,10 @@ def parse(argv):
                    help="prefill with mlx-lm's gather_qmm over the stacked experts, never the grouped path")
     p.add_argument("--grouped-off-cuda", action="store_true",
                    help="let the grouped expert path run off CUDA too, by its rows rule (the tests, on CPU)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -276,6 +340,8 @@ def main(argv=None) -> dict:
             "io_threads": args.io_threads,
             "stacked": args.stacked,
             "grouped_off_cuda": args.grouped_off_cuda,
+            "runs": args.runs,
+            "prefill_runs": args.prefill_runs,
         },
         "machine": {"device": str(mx.default_device()), "mlx": mx.__version__, "cpus": os.cpu_count()},
         "errors": {},
@@ -300,9 +366,9 @@ def main(argv=None) -> dict:
             return None
         finally:
             report.setdefault("step_seconds", {})[name] = time.perf_counter() - tic
-            if os.environ.get("OUT"):  # what is done so far survives a run cut short
-                Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-                Path(os.environ["OUT"], "h200.partial.json").write_text(json.dumps(report, default=str))
+            if args.json:  # what is done so far survives a run cut short
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.with_suffix(".partial.json").write_text(json.dumps(report, default=str))
 
     try:
         # -- model and store ------------------------------------------------------------------
@@ -370,26 +436,30 @@ def main(argv=None) -> dict:
 
         # -- decode runs ----------------------------------------------------------------------
         def run(name, reader, instrumented, k=None, drive=None, min_rows=None):
-            """One decode run; ``min_rows`` overrides the grouped path's rows-per-expert threshold
-            (0: every call takes it, on CUDA)."""
-            fresh(streamer, reader, budget, args.policy, files)
+            """One decode run, ``--runs`` times from a cold cache (``combine``); ``min_rows``
+            overrides the grouped path's rows-per-expert threshold (0: every call takes it, on CUDA)."""
             if k is not None:
                 for layer in model.layers:
                     layer.mlp.top_k = k
             if min_rows is not None:
                 streamer.path = replace(engine_path, min_rows_per_expert=min_rows)
+            repeats = []
             try:
-                with timing.recorded_choices(streamer) as choices:
-                    r = decode(model, streamer, prompt, s["warmup"], s["tokens"], instrumented, drive)
+                for _ in range(args.runs):
+                    fresh(streamer, reader, budget, args.policy, files)
+                    with timing.recorded_choices(streamer) as choices:
+                        r = decode(model, streamer, prompt, s["warmup"], s["tokens"], instrumented, drive)
+                    r["grouped_calls"] = sum(choices["grouped"])
+                    repeats.append(r)
             finally:
                 streamer.path = engine_path
                 for layer in model.layers:
                     layer.mlp.top_k = s["k"]
-            r["grouped_calls"] = sum(choices["grouped"])
+            r = combine(repeats)
             r.update(floors(r, rb, resident, disk["bytes_per_s"], memory["bytes_per_s"], up_bw))
             log(
-                f"{name}: {r['seconds_per_token'] * 1000:.1f} ms/token, hit {r['hit_rate']:.3f}, "
-                f"x{r['measured_over_floor']:.2f} floor"
+                f"{name}: {spread_text(r['seconds_per_token_spread'], 1e3)} ms/token, "
+                f"hit {r['hit_rate']:.3f}, x{r['measured_over_floor']:.2f} floor"
             )
             return r
 
@@ -483,7 +553,8 @@ def main(argv=None) -> dict:
 
         def prefill() -> dict:
             """The same prompt ``--prefill-runs`` times, each from a cold expert cache: the first
-            run also pays each kernel's first use (MLX compiles CUDA kernels on first use)."""
+            run also pays each kernel's first use (MLX compiles CUDA kernels on first use), so the
+            median and spread (``warm_seconds``, ``warm_over_one_pass``) are of the later runs."""
             ids = rng.integers(0, s["vocab"], size=s["prefill"]).tolist()
             if args.stacked:
                 streamer.path = replace(engine_path, grouped=False)
@@ -491,7 +562,11 @@ def main(argv=None) -> dict:
                 runs = [prefill_once(ids) for _ in range(args.prefill_runs)]
             finally:
                 streamer.path = engine_path
-            return {**runs[-1], "runs": runs}
+            out = {**runs[-1], "runs": runs, "first_run_seconds": runs[0]["seconds"]}
+            if len(runs) > 1:
+                out["warm_seconds"] = spread([r["seconds"] for r in runs[1:]])
+                out["warm_over_one_pass"] = spread([r["over_one_pass"] for r in runs[1:]])
+            return out
 
         if s["prefill"]:
             report["prefill"] = step("prefill", prefill)
@@ -506,9 +581,9 @@ def main(argv=None) -> dict:
                 try:
                     for layer, m in zip(model.layers, full, strict=True):
                         layer.mlp.switch_mlp = m
-                    ref = decode(
-                        model, streamer, prompt, s["warmup"], s["tokens"], False, runs["engine"]["fed"]
-                    )
+                    fed = runs["engine"]["fed"]
+                    ref = combine([decode(model, streamer, prompt, s["warmup"], s["tokens"], False, fed)
+                                   for _ in range(args.runs)])
                 finally:
                     for layer, m in zip(model.layers, streaming, strict=True):
                         layer.mlp.switch_mlp = m
@@ -518,6 +593,7 @@ def main(argv=None) -> dict:
                 ]
                 return {
                     "seconds_per_token": ref["seconds_per_token"],
+                    "seconds_per_token_spread": ref["seconds_per_token_spread"],
                     "max_relative_logit_diff": max(diffs),
                     "streaming_over_in_memory": runs["engine"]["seconds_per_token"]
                     / ref["seconds_per_token"],
@@ -541,10 +617,11 @@ def main(argv=None) -> dict:
     report["total_seconds"] = time.perf_counter() - started
     text = json.dumps(report, indent=1, default=str)
     print(text)
-    out = os.environ.get("OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "h200.json").write_text(text)
+    for line in summary(report):
+        log(line)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
     return json.loads(text)
 
 

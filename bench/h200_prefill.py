@@ -18,17 +18,18 @@ memory (no store, no I/O) and an eval barrier around each part:
   ``flashmoe_backend/experts/grouped.py``), the shared expert; and the experts' floor (bytes /
   device bandwidth).
 
-    python -m bench.h200_prefill [--tokens 2048]     # on the GPU machine
-    python -m bench.h200_prefill --tiny                                 # CPU, seconds
+    python -m bench.h200_prefill [--tokens 2048] --json $OUT/h200_prefill.json   # on the GPU machine
+    python -m bench.h200_prefill --tiny                                           # CPU, seconds
 
-Prints a markdown table and the JSON report (also written to ``$OUT/h200_prefill.json``).
+Each part is the median of ``--reps`` warm runs (default 3, at least 2 even for a slow part), with
+their min-max spread (``warm_spread_seconds``). Prints a markdown table and the JSON report;
+``--json PATH`` also writes the report to PATH and the table beside it (PATH with ``.md``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -48,18 +49,21 @@ from mlx_lm.models import qwen3_5
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 from bench import h200_model as real
+from bench.h200_layers import spread
 from flashmoe_backend.experts.grouped import grouped_switch
 
 #: Each timed part's first run (label -> seconds): on CUDA it includes compiling the part's
 #: kernels (MLX compiles them with NVRTC on first use, tens of seconds for some), which the
 #: warm figures leave out.
 FIRST_RUNS: dict[str, float] = {}
+#: Each timed part's warm runs (label -> ``spread``: median, min, max, each run's seconds).
+SPREADS: dict[str, dict] = {}
 
 
 def timed(label: str, fn, reps: int, slow: float = 2.0) -> float:
     """Median seconds of ``fn()`` (evaluated) over ``reps`` warm runs, after a first run that
-    compiles (recorded in ``FIRST_RUNS``); a warm run slower than ``slow`` seconds is taken alone
-    (device time is scarce)."""
+    compiles (recorded in ``FIRST_RUNS``), the runs' spread in ``SPREADS``; past two warm runs, one
+    slower than ``slow`` seconds is the last (device time is scarce)."""
     tic = time.perf_counter()
     mx.eval(fn())
     FIRST_RUNS[label] = time.perf_counter() - tic
@@ -68,8 +72,9 @@ def timed(label: str, fn, reps: int, slow: float = 2.0) -> float:
         tic = time.perf_counter()
         mx.eval(fn())
         times.append(time.perf_counter() - tic)
-        if times[-1] > slow:
+        if times[-1] > slow and len(times) >= 2:
             break
+    SPREADS[label] = spread(times)
     return statistics.median(times)
 
 
@@ -177,20 +182,27 @@ def markdown(report: dict) -> str:
     t = report["config"]["tokens"]
     device = report["machine"]["device"]
     first = report["first_run_seconds"]
-    lines = [f"Prefill of {t} tokens, one component at a time ({device}), median warm seconds "
-             f"(first run: compiles kernels on CUDA):", "",
-             "| part | seconds | first run | note |", "|---|---|---|---|"]
+    spreads = report["warm_spread_seconds"]
+
+    def warm(label: str) -> str:
+        s = spreads[label]
+        return f"{s['median']:.4f} | {s['min']:.4f}-{s['max']:.4f} ({s['runs']})"
+
+    lines = [f"Prefill of {t} tokens, one component at a time ({device}), median warm seconds with "
+             f"their min-max (runs); first run: compiles kernels on CUDA:", "",
+             "| part | seconds | min-max (runs) | first run | note |", "|---|---|---|---|---|"]
     for name, r in report["recurrence"].items():
-        lines.append(f"| GDN recurrence: {name} | {r['seconds']:.4f} | {first[f'recurrence_{name}']:.2f} "
+        label = f"recurrence_{name}"
+        lines.append(f"| GDN recurrence: {name} | {warm(label)} | {first[label]:.2f} "
                      f"| max abs diff to the loop: y {r['max_abs_diff_y']:.2e}, state "
                      f"{r['max_abs_diff_state']:.2e} |")
     layers = report["layers"]
     for name in ("gdn_layer_mlx_lm", "gdn_layer_fast", "attention_layer", "router_topk", "experts",
                  "experts_grouped", "shared_expert", "moe_block"):
         if name in layers:
-            lines.append(f"| {name} | {layers[name]:.4f} | {first[name]:.2f} | |")
+            lines.append(f"| {name} | {warm(name)} | {first[name]:.2f} | |")
     gb, bw = layers["expert_bytes_used"] / 1e9, layers["device_bandwidth"] / 1e9
-    lines.append(f"| experts' floor | {layers['experts_floor']:.4f} | | {layers['experts_used']} experts, "
+    lines.append(f"| experts' floor | {layers['experts_floor']:.4f} | | | {layers['experts_used']} experts, "
                  f"{gb:.2f} GB at {bw:.0f} GB/s |")
     return "\n".join(lines)
 
@@ -199,10 +211,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny shapes, CPU, seconds")
     p.add_argument("--tokens", type=int, default=None, help="prompt tokens (default 2048; tiny 24)")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="warm runs per part (their median and spread)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-baselines", action="store_true",
                    help="skip timing mlx-lm's own paths (minutes on CUDA at 2,048 tokens)")
+    p.add_argument("--json", type=Path, default=None, help="write the report here, the table beside it (.md)")
     args = p.parse_args(argv)
     s = dict(real.TINY if args.tiny else real.REAL)
     tokens = args.tokens or s["prefill"]
@@ -214,12 +227,14 @@ def main(argv=None) -> dict:
         "recurrence": bench_recurrence(s, tokens, args.reps, dtype, args.skip_baselines, args.seed),
         "layers": bench_layers(s, tokens, args.reps, dtype, args.skip_baselines),
         "first_run_seconds": FIRST_RUNS,
+        "warm_spread_seconds": SPREADS,
     }
     print(markdown(report))
     print(json.dumps(report, indent=1))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "h200_prefill.json").write_text(json.dumps(report, indent=1) + "\n")
-        Path(os.environ["OUT"], "h200_prefill.md").write_text(markdown(report) + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        args.json.with_suffix(".md").write_text(markdown(report) + "\n")
     return report
 
 

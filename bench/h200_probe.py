@@ -11,13 +11,17 @@ while ``h200_prefill.py`` times the same parts alone at milliseconds. This scrip
    them and computing them with the grouped path;
 3. after those arrays are freed (their buffers go back to MLX's buffer cache);
 4. after ``mx.clear_cache()``;
-5. a whole prefill with per-layer barriers, then the parts again;
+5. a whole prefill with per-layer barriers, then the parts again, then ``--runs`` more whole
+   prefills (default 2: ``5_prefill_warm``, their median seconds with min, max and each run's);
 
 and samples the process's CPU time (user / system) and the main thread's Python frame every
 second, so a slow stretch can be told apart as GPU work, host work or kernel (system) work.
+Each part's warm time is the median of 3 runs, with their spread (``warm_spread``).
 
-    python -m bench.h200_probe            # on the GPU machine
+    python -m bench.h200_probe --json $OUT/h200_probe.json   # on the GPU machine
     python -m bench.h200_probe --tiny                        # CPU, seconds
+
+``--json PATH`` writes the report there, after each stage too (a run cut short keeps what it did).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 
 from bench import h200_model as real
 from bench import h200_timing as timing
+from bench.h200_layers import spread, spread_text
 from flashmoe_backend.bench.synthetic_store import write_synthetic_store
 from flashmoe_backend.experts.cache import ExpertCache
 from flashmoe_backend.experts.grouped import grouped_switch
@@ -48,6 +53,7 @@ from flashmoe_backend.experts.switch import StreamCounters, stack_experts
 
 REPORT: dict = {"stages": {}, "samples": []}
 T0 = time.perf_counter()
+JSON: Path | None = None  # --json: where REPORT is written, after each stage
 
 
 def log(msg: str) -> None:
@@ -59,7 +65,8 @@ def memory() -> dict:
 
 
 def timed(fn, reps: int = 3) -> dict:
-    """First (cold) and median warm seconds of ``fn()`` evaluated, with the first run's CPU time."""
+    """First (cold) and median warm seconds of ``fn()`` evaluated (their ``spread`` in
+    ``warm_spread``), with the first run's CPU time."""
     c0, tic = os.times(), time.perf_counter()
     mx.eval(fn())
     first, c1 = time.perf_counter() - tic, os.times()
@@ -71,6 +78,7 @@ def timed(fn, reps: int = 3) -> dict:
             mx.eval(fn())
             warm.append(time.perf_counter() - tic)
         out["warm"] = statistics.median(warm)
+        out["warm_spread"] = spread(warm)
     return out
 
 
@@ -116,13 +124,18 @@ def parts(model, x: mx.array, s: dict) -> dict:
     return out
 
 
+def save() -> None:
+    if JSON:
+        JSON.parent.mkdir(parents=True, exist_ok=True)
+        JSON.write_text(json.dumps(REPORT, indent=1, default=str))
+
+
 def stage(name: str, result: dict) -> None:
     REPORT["stages"][name] = result
     brief = {k: (round(v["first"], 4), round(v.get("warm", -1), 4)) for k, v in result.items()
              if isinstance(v, dict) and "first" in v}
     log(f"{name}: {brief} {result.get('memory', '')}")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "probe.json").write_text(json.dumps(REPORT, indent=1, default=str))
+    save()
 
 
 def main(argv=None) -> dict:
@@ -132,13 +145,19 @@ def main(argv=None) -> dict:
     p.add_argument("--prefill", type=int, default=None)
     p.add_argument("--cache-limit-gb", type=float, default=None,
                    help="mx.set_cache_limit before the second prefill (a candidate fix)")
+    p.add_argument("--runs", type=int, default=2,
+                   help="whole prefills after each stage's first (which compiles): their median and spread")
+    p.add_argument("--json", type=Path, default=None, help="write the report here (after each stage too)")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "flashmoe-probe")
     args = p.parse_args(argv)
+    global JSON
+    JSON = args.json
     s = dict(real.TINY if args.tiny else real.REAL)
     s["layers"] = args.layers
     tokens = args.prefill or s["prefill"]
     dtype = mx.float32 if args.tiny else mx.bfloat16
-    REPORT["config"] = {**s, "tokens": tokens, "device": str(mx.default_device()), "mlx": mx.__version__}
+    REPORT["config"] = {**s, "tokens": tokens, "runs": args.runs, "device": str(mx.default_device()),
+                        "mlx": mx.__version__}
     stop = threading.Event()
     threading.Thread(target=sampler, args=(stop, threading.get_ident()), daemon=True).start()
     store = args.workdir / "store"
@@ -192,7 +211,7 @@ def main(argv=None) -> dict:
         # 5: the whole prefill, per-layer barriers
         ids = np.random.default_rng(1).integers(0, s["vocab"], size=tokens).tolist()
 
-        def prefill(name: str) -> None:
+        def prefill_once() -> dict:
             streamer.cache = ExpertCache(budget, "lfu")
             streamer.counters = StreamCounters()
             before = timing.mark()
@@ -202,10 +221,18 @@ def main(argv=None) -> dict:
                 seconds = time.perf_counter() - tic
             per = timing.since(before)
             c = streamer.counters
-            r = {"seconds": seconds, "per_layer": per, "sync": c.sync_seconds, "io": c.io_seconds,
-                 "choices": choices, "memory": memory()}
-            stage(name, r)
+            return {"seconds": seconds, "per_layer": per, "sync": c.sync_seconds, "io": c.io_seconds,
+                    "choices": choices, "memory": memory()}
+
+        def prefill(name: str) -> None:
+            """A whole prefill (the first compiles what it has not seen), the parts after it, then
+            ``--runs`` more whole prefills."""
+            stage(name, prefill_once())
             stage(name + "_parts_after", parts(model, x, s))
+            if args.runs > 0:
+                runs = [prefill_once() for _ in range(args.runs)]
+                stage(name + "_warm", {"seconds": spread([r["seconds"] for r in runs]), "runs": runs,
+                                       "memory": memory()})
 
         prefill("5_prefill")
         if args.cache_limit_gb is not None:
@@ -217,10 +244,13 @@ def main(argv=None) -> dict:
         shutil.rmtree(store, ignore_errors=True)
     counts = collections.Counter(s["where"] for s in REPORT["samples"])
     REPORT["where_counts"] = counts.most_common(15)
-    text = json.dumps(REPORT, indent=1, default=str)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "probe.json").write_text(text)
+    save()
     print(json.dumps({k: v for k, v in REPORT.items() if k != "samples"}, indent=1, default=str))
+    for name, r in REPORT["stages"].items():
+        if name.endswith("_warm"):
+            prefill = name.removesuffix("_warm")
+            first = REPORT["stages"][prefill]["seconds"]
+            log(f"{prefill}: first {first:.2f} s, then {spread_text(r['seconds'], digits=2)} s")
     return REPORT
 
 

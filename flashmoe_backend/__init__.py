@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs only
     from flashmoe_backend.errors import (
         CacheBudgetWarning,
         ContextWindowError,
+        DistributedError,
         FlashMoEError,
         InvalidRequestError,
         ParameterError,
@@ -40,6 +41,7 @@ _dynamic_imports: dict[str, str] = {
     "CacheBudgetWarning": "errors",
     "Chunk": "generation.params",
     "ContextWindowError": "errors",
+    "DistributedError": "errors",
     "FlashMoE": "engine",
     "FlashMoEError": "errors",
     "GenerationParams": "generation.params",
@@ -63,6 +65,7 @@ __all__ = [
     "CacheBudgetWarning",
     "Chunk",
     "ContextWindowError",
+    "DistributedError",
     "FlashMoE",
     "FlashMoEError",
     "GenerationParams",

@@ -18,12 +18,22 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, get_args
 
+import mlx.core as mx
 from flashmoe_kernels import install_fast_gated_delta
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from flashmoe_backend.constrained.constraint import check_response_format
+from flashmoe_backend.distributed import (
+    DEFAULT_SPLIT,
+    DEFAULT_TIMEOUT_S,
+    SPLITS,
+    DistributedStats,
+    ExpertGroup,
+    detect_group,
+)
 from flashmoe_backend.errors import (
     CacheBudgetWarning,
+    DistributedError,
     InvalidRequestError,
     ParameterError,
     ToolError,
@@ -31,7 +41,12 @@ from flashmoe_backend.errors import (
 )
 from flashmoe_backend.experts.cache import DEFAULT_POLICY, CacheCounters, ExpertCache, Policy
 from flashmoe_backend.experts.reader import ExpertReader, PageCache, ReaderConfig, Verify
-from flashmoe_backend.experts.switch import ExpertStreamer, StreamCounters, install_streaming
+from flashmoe_backend.experts.switch import (
+    ExpertStreamer,
+    StreamCounters,
+    StreamingSwitch,
+    install_streaming,
+)
 from flashmoe_backend.generation.aio import iterate_in_thread
 from flashmoe_backend.generation.loop import TokenStream, encode_prompt, finish_stats
 from flashmoe_backend.generation.params import (
@@ -52,14 +67,9 @@ from flashmoe_backend.generation.prompt_cache import (
 from flashmoe_backend.generation.prompt_files import PromptCacheDir, store_identity
 from flashmoe_backend.generation.stats import Stats
 from flashmoe_backend.output import MarkupFilter, OutputPlan, prompt_in_think
-from flashmoe_backend.store.format import (
-    Manifest,
-    StoreError,
-    check_store,
-    read_config,
-    read_manifest,
-)
-from flashmoe_backend.store.source import find_store
+from flashmoe_backend.store.format import Manifest, StoreError
+from flashmoe_backend.store.layout import ExpertSource
+from flashmoe_backend.store.source import find_source, open_source
 from flashmoe_backend.tools.calls import ToolSpec, normalize_tool_choice, normalize_tools
 from flashmoe_backend.validation import (
     check_bool,
@@ -85,6 +95,9 @@ def check_load_options(
     prefill_step_size: Any,
     prompt_cache_entries: Any,
     prompt_cache_dir: Any = None,
+    group: Any = "auto",
+    expert_split: Any = DEFAULT_SPLIT,
+    distributed_timeout: Any = DEFAULT_TIMEOUT_S,
 ) -> None:
     """``FlashMoE.load``'s options, checked before anything is read (``ParameterError``)."""
     check_number("cache_gb", cache_gb, 0.0, low_open=True)
@@ -101,6 +114,11 @@ def check_load_options(
         raise ParameterError(
             f"prompt_cache_dir must be a directory path or None, got {prompt_cache_dir!r}"
         )
+    if not (group is None or (isinstance(group, str) and group == "auto")
+            or isinstance(group, mx.distributed.Group)):
+        raise ParameterError(f"group must be 'auto', None or an mx.distributed.Group, got {group!r}")
+    check_choice("expert_split", expert_split, SPLITS)
+    check_number("distributed_timeout", distributed_timeout, 0.0, low_open=True)
 
 
 #: ``FlashMoE.load``'s options (every argument but the store), as ``check_load_options`` takes them.
@@ -185,8 +203,12 @@ class FlashMoE:
         prompt_cache_entries: int,
         defaults: GenerationDefaults | None = None,
         prompt_files: PromptCacheDir | None = None,
+        source: ExpertSource | None = None,
     ):
+        #: the directory the model was loaded from: a store, or a checkpoint read in place
         self.store = store
+        #: where the experts come from (``store/layout.py``): a packed store or a checkpoint
+        self.source = source
         #: the store's generation defaults (its generation_config.json); a caller's values win.
         self.defaults = defaults or GenerationDefaults()
         self.model = model
@@ -200,6 +222,10 @@ class FlashMoE:
         self.prompt_files = prompt_files
         self.stats = Stats()
         self.lock = threading.Lock()  # one generation at a time: the model and cache are shared
+        #: this rank's share of a group of ranks running the model (``distributed.py``), or None
+        self.distributed: ExpertGroup | None = None
+        #: every rank's counters over the last generation, when ``distributed`` is set
+        self.distributed_stats: DistributedStats | None = None
 
     @classmethod
     def load(
@@ -215,12 +241,19 @@ class FlashMoE:
         prefill_step_size: int = 2048,
         prompt_cache_entries: int = 4,
         prompt_cache_dir: str | os.PathLike | None = None,
+        group: Any = "auto",
+        expert_split: str = DEFAULT_SPLIT,
+        distributed_timeout: float = DEFAULT_TIMEOUT_S,
         **unknown: Any,
     ) -> FlashMoE:
-        """Load a store made by ``flashmoe pack``.
+        """Load a model: a store made by ``flashmoe pack``, or a checkpoint read in place.
 
         Args:
-            store: the store directory.
+            store: a store directory; an mlx-community checkpoint directory (experts stacked
+                under ``switch_mlp``), read in place: no pack, no copy; a Hugging Face repo id
+                ``org/name`` already in the local Hugging Face cache (``HF_HOME`` /
+                ``HF_HUB_CACHE``; nothing is downloaded: ``flashmoe download org/name`` does
+                that); or ``"demo"``.
             cache_gb: byte budget of the expert cache, in GiB.
             experts_per_token: override the model's top-k (K). ``None`` keeps the model's own
                 routing exactly; fewer experts is faster but changes the model's output.
@@ -237,11 +270,24 @@ class FlashMoE:
                 looked for when no snapshot in memory covers it: a later process (a restarted
                 server) then does not prefill that prefix again. Files of another store or
                 load option, and damaged ones, are ignored with a ``PromptCacheWarning``.
+            group: run one model over several ranks (expert parallelism, see
+                ``flashmoe_backend/distributed.py``): ``"auto"`` takes the group ``mlx.launch``
+                started, if it has more than one rank; ``None`` runs in this process alone; or
+                an ``mx.distributed.Group``. Each rank reads and caches only its share of every
+                layer's experts (its own ``cache_gb``); rank 0 generates as usual, the other
+                ranks call ``follow()``. Every rank must load the same model and options.
+            expert_split: which rank owns an expert: ``"interleaved"`` (expert e on rank
+                e % N) or ``"blocks"`` (contiguous ranges).
+            distributed_timeout: seconds a rank waits for the others in one exchange before it
+                raises ``DistributedError`` (a rank died, hangs, or is unreachable).
 
         The store's ``generation_config.json`` gives the generation defaults (sampling, and
         ``chat_template_kwargs`` such as ``{"enable_thinking": false}``; see
         ``GenerationDefaults``). Raises ``StoreNotFoundError`` (a ``FileNotFoundError``) when there
-        is no store at ``store``, ``StoreError`` when it is damaged, ``ParameterError`` for a bad
+        is no store or checkpoint at ``store`` (or the repo is not cached), ``StoreError`` naming
+        the file when it is damaged (a truncated shard, a header that disagrees with config.json,
+        a missing tensor: all before any token; an expert slice that changed since its first
+        read, when it is read), ``ParameterError`` for a bad
         option, ``UnknownArgumentError`` (a ``TypeError``) for a keyword it does not take; warns
         (``CacheBudgetWarning``) when the cache cannot hold one token's experts.
         """
@@ -256,19 +302,37 @@ class FlashMoE:
             prefill_step_size,
             prompt_cache_entries,
             prompt_cache_dir,
+            group,
+            expert_split,
+            distributed_timeout,
         )
-        store = find_store(store)
-        manifest = read_manifest(store)
-        config = read_config(store)
-        check_store(store, manifest, config)
+        group = detect_group(group)
+        source = open_source(store)
+        store, manifest, config = source.root, source.manifest, source.config
         defaults = read_generation_defaults(store)
         top_k = _with_top_k(config, experts_per_token)
         budget = int(cache_gb * GB)
         check_cache_budget(budget, manifest, experts_per_token or experts_per_token_of(config))
         install_fast_gated_delta()  # mlx-lm's fast GatedDeltaNet path is Metal-only
         cache = ExpertCache(budget, policy=policy)
-        reader = ExpertReader(store, manifest, ReaderConfig(io_threads, page_cache, verify))
+        reader = ExpertReader(source, config=ReaderConfig(io_threads, page_cache, verify))
         streamer = ExpertStreamer(manifest, reader, cache)
+        shard = None
+        if group is not None:
+            text_config = config.get("text_config", config)
+            shard = streamer.shard = ExpertGroup(
+                group,
+                streamer,
+                split=expert_split,
+                timeout_s=distributed_timeout,
+                width=text_config["hidden_size"],
+                k=experts_per_token or experts_per_token_of(config) or 1,
+            )
+        # The ranks other than 0 only compute experts: their resident weights stay unread.
+        follower = shard is not None and not shard.is_leader
+        # The experts stream from the source; a checkpoint read in place also holds them in its
+        # shards, and mlx-lm must neither load them nor expect parameters for them.
+        expert_modules = {layer.module for layer in manifest.layers}
 
         def streaming_classes(config: dict):
             model_class, args_class = _get_classes(config)
@@ -278,12 +342,21 @@ class FlashMoE:
                     super().__init__(args)
                     install_streaming(self, manifest, streamer)
 
+                def sanitize(self, weights):
+                    if hasattr(super(), "sanitize"):
+                        weights = super().sanitize(weights)
+                    return {k: v for k, v in weights.items() if k.rsplit(".", 2)[0] not in expert_modules}
+
             StreamingModel.__name__ = model_class.__name__
             return StreamingModel, args_class
 
         try:
             model, config = load_model(
-                store, strict=True, get_model_classes=streaming_classes, model_config=top_k
+                store,
+                lazy=follower,
+                strict=True,
+                get_model_classes=streaming_classes,
+                model_config=top_k,
             )
         except (ValueError, KeyError) as e:
             if isinstance(e, StoreError):
@@ -294,12 +367,13 @@ class FlashMoE:
         except Exception as e:
             raise StoreError(f"{store}: cannot load the tokenizer: {e}") from e
         prompt_files = None
-        if prompt_cache_dir is not None:
+        if prompt_cache_dir is not None and not follower:
             try:
-                prompt_files = PromptCacheDir(prompt_cache_dir, store_identity(store, config))
+                identity = store_identity(store, config, source.fingerprint())
+                prompt_files = PromptCacheDir(prompt_cache_dir, identity)
             except OSError as e:
                 raise ParameterError(f"prompt_cache_dir {os.fspath(prompt_cache_dir)!r}: {e}") from e
-        return cls(
+        engine = cls(
             store,
             model,
             tokenizer,
@@ -310,22 +384,31 @@ class FlashMoE:
             prompt_cache_entries,
             defaults,
             prompt_files,
+            source,
         )
+        if shard is not None:
+            # Before the first layer call: every rank must serve the same experts and k.
+            shard.handshake(
+                source.fingerprint() + repr((sorted(config.items()), expert_split, top_k)).encode()
+            )
+            engine.distributed = shard
+        return engine
 
     @classmethod
     def shared(cls, store: str | Path, *args: Any, **load_options: Any) -> FlashMoE:
         """The one engine of ``store`` with these load options (``load``'s arguments), loaded on
         first use and handed to every later caller: front ends share engines this way.
 
-        The key is the directory the store resolves to (``find_store``: a relative path, a
-        symlink and the absolute path are one store) and every load option, defaults filled in
-        (``shared(s)`` and ``shared(s, cache_gb=4.0)`` are one engine). An engine serialises its
-        own generations (``self.lock``), so it can be used from several threads at once. The
+        The key is the directory the store resolves to (``find_source``: a relative path, a
+        symlink, the absolute path and a repo id's cached snapshot are one store) and every load
+        option, defaults filled in (``shared(s)`` and ``shared(s, cache_gb=4.0)`` are one engine).
+        An engine serialises its own generations (``self.lock``), so it can be used from several
+        threads at once. The
         errors are ``load``'s: ``StoreNotFoundError``, ``StoreError``, ``ParameterError``, and
         ``UnknownArgumentError`` (a ``TypeError``) for an option ``load`` does not take.
         """
         check_load_keywords(load_options)
-        path = find_store(store)
+        path = find_source(store)
         bound = inspect.signature(cls.load).bind(path, *args, **load_options)
         bound.apply_defaults()
         options = {k: v for k, v in bound.arguments.items() if k not in ("store", "unknown")}
@@ -415,6 +498,11 @@ class FlashMoE:
         ``UnknownArgumentError`` (also a ``TypeError``), and a prompt plus ``max_tokens`` beyond
         the context window ``ContextWindowError``: all ``InvalidRequestError``s, ``ValueError``s.
         """
+        if self.distributed is not None and not self.distributed.is_leader:
+            raise DistributedError(
+                f"generation runs on rank 0; rank {self.distributed.rank} serves its experts "
+                "with engine.follow()"
+            )
         params = self.generation_params(**kwargs)
         check_bool("parallel_tool_calls", parallel_tool_calls)
         prompt = check_prompt(prompt, self.vocab_size)
@@ -486,6 +574,8 @@ class FlashMoE:
             stats.prompt_seconds += prefill_seconds
             stats.compute_seconds += prefill_seconds
             self.stats.add(stats)
+            if self.distributed is not None:
+                self.distributed_stats = self.distributed.gather_stats(stats.generated_tokens)
             done = plan.finish(tokens.text, tokens.finish_reason, in_think)
             yield GenerationResult(
                 text=done.content,
@@ -583,8 +673,21 @@ class FlashMoE:
             layer_bytes_read=per_layer("layer_bytes_read"),
         )
 
+    def follow(self) -> None:
+        """On a rank other than 0 of a group (``load``'s ``group``): compute this rank's experts
+        for rank 0's layer calls until rank 0 closes its engine or exits. Raises
+        ``DistributedError`` when rank 0 goes away without closing, or on rank 0."""
+        if self.distributed is None:
+            raise DistributedError("follow() needs a group of ranks (run under mlx.launch)")
+        switches = [m for _, m in self.model.named_modules() if isinstance(m, StreamingSwitch)]
+        with self.lock:
+            self.distributed.follow(switches)
+
     def close(self) -> None:
-        """Release the expert files and reader threads."""
+        """Release the expert files and reader threads; on rank 0 of a group, also tell the
+        other ranks to stop following."""
+        if self.distributed is not None:
+            self.distributed.close()
         self.streamer.reader.close()
 
 

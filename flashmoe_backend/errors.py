@@ -54,6 +54,12 @@ class UnknownArgumentError(InvalidRequestError, TypeError):
     """A keyword argument the engine does not take (a ``TypeError``, as Python's own)."""
 
 
+class DistributedError(FlashMoEError, RuntimeError):
+    """A group of ranks running one model (``mlx.launch``) failed: a rank died, hangs or is
+    unreachable (the message says what was being waited for), the ranks loaded different models,
+    or a call was made on the wrong rank. A group cannot be repaired: restart all ranks."""
+
+
 class CacheBudgetWarning(UserWarning):
     """The expert cache cannot hold one token's experts of a layer: every token reads them again."""
 
@@ -70,6 +76,7 @@ __all__ = [
     "USER_ERRORS",
     "CacheBudgetWarning",
     "ContextWindowError",
+    "DistributedError",
     "FlashMoEError",
     "InvalidRequestError",
     "ParameterError",

@@ -9,6 +9,9 @@
 
 Each distinct set of arguments is built once per session; treat the directories as read-only
 (copy one before damaging it).
+
+``FLASHMOE_HOME`` (flashmoe's index cache of checkpoints read in place) points into the session's
+temporary directory, so that no test writes to the user's cache.
 """
 
 from __future__ import annotations
@@ -18,6 +21,32 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _flashmoe_home(tmp_path_factory: pytest.TempPathFactory):
+    """Keep the tests' checkpoint indexes out of the user's cache directory."""
+    import os
+
+    previous = os.environ.get("FLASHMOE_HOME")
+    os.environ["FLASHMOE_HOME"] = str(tmp_path_factory.mktemp("flashmoe-home"))
+    yield
+    if previous is None:
+        os.environ.pop("FLASHMOE_HOME", None)
+    else:
+        os.environ["FLASHMOE_HOME"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _cpu_default_device():
+    """The CPU as every test's default device: the CPU paths' exact comparisons must hold on a
+    GPU machine too. A GPU test runs its GPU part under ``mx.stream(mx.gpu)`` itself."""
+    import mlx.core as mx
+
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)
 
 
 def _key(*parts: Any, **options: Any) -> tuple:

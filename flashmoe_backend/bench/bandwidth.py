@@ -23,7 +23,7 @@ import numpy as np
 
 from flashmoe_backend.bench.pagecache import evict_page_cache, store_files
 from flashmoe_backend.experts.reader import aligned_buffer
-from flashmoe_backend.store.format import Manifest, StoreError
+from flashmoe_backend.store.format import ALIGNMENT, Manifest, StoreError
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -50,10 +50,11 @@ def open_direct(path: Path) -> tuple[int, bool]:
         return os.open(path, os.O_RDONLY), False
 
 
-def pread_full(fd: int, view: np.ndarray, offset: int) -> None:
-    """Fill ``view`` from ``fd`` at ``offset`` (``os.preadv`` until done)."""
-    done = 0
-    while done < len(view):
+def pread_full(fd: int, view: np.ndarray, offset: int, needed: int | None = None) -> None:
+    """Fill ``view`` from ``fd`` at ``offset`` (``os.preadv`` until done; or until ``needed``
+    bytes, where an aligned read may run past the end of the file)."""
+    done, needed = 0, len(view) if needed is None else needed
+    while done < needed:
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
             raise StoreError(f"short read at byte {offset + done}")
@@ -61,24 +62,33 @@ def pread_full(fd: int, view: np.ndarray, offset: int) -> None:
 
 
 class RawReader:
-    """Whole records by ``os.preadv`` on a thread pool, nothing else (no checksum, no copy, O_DIRECT
-    where supported): the disk's bandwidth for the store's read pattern."""
+    """Whole experts by ``os.preadv`` on a thread pool, nothing else (no checksum, no copy, O_DIRECT
+    where supported): the disk's bandwidth for the source's read pattern (a packed store: one
+    record per expert; a checkpoint read in place: one aligned read per tensor slice)."""
 
-    def __init__(self, store: Path, manifest: Manifest, threads: int = 8):
-        self.manifest = manifest
-        opened = [open_direct(p) for p in store_files(store, manifest)]
+    def __init__(self, store, manifest: Manifest | None = None, threads: int = 8):
+        from flashmoe_backend.store.layout import as_source
+
+        self.source = as_source(store, manifest)
+        self.manifest = self.source.manifest
+        opened = [open_direct(p) for p in self.source.files]
         self._fds = [fd for fd, _ in opened]
         self.direct = all(direct for _, direct in opened)
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="bench-raw")
 
     def _one(self, layer: int, expert: int) -> int:
-        nbytes = self.manifest.layers[layer].record_bytes
+        size = self.source.staging_bytes(layer)
         buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < nbytes:
-            buf = self._local.buf = aligned_buffer(nbytes)
-        pread_full(self._fds[layer], buf[:nbytes], expert * nbytes)
-        return nbytes
+        if buf is None or len(buf) < size:
+            buf = self._local.buf = aligned_buffer(size)
+        pos = 0
+        for x in self.source.extents(layer, expert):
+            start = x.offset - x.offset % ALIGNMENT  # the aligned superset, as the reader reads it
+            end = -(-(x.offset + x.nbytes) // ALIGNMENT) * ALIGNMENT
+            pread_full(self._fds[x.file], buf[pos : pos + end - start], start, x.offset + x.nbytes - start)
+            pos += end - start
+        return self.manifest.layers[layer].record_bytes
 
     def read(self, keys: Sequence[Key]) -> int:
         """Read the records at once; returns their bytes."""

@@ -1,4 +1,5 @@
-"""``flashmoe bench model STORE``: ``FlashMoE.generate`` on a real store against the floor.
+"""``flashmoe bench model STORE``: ``FlashMoE.generate`` on a real store (or a checkpoint read in
+place) against the floor.
 
 The same numbers as the synthetic mode, from ``engine.stats`` and the streamer's counters:
 prefill seconds, decode tok/s, hit rate (decode only and overall) against Belady for the recorded
@@ -22,7 +23,8 @@ from flashmoe_backend.bench.config import ModelConfig
 from flashmoe_backend.bench.pagecache import evict_page_cache, store_files
 from flashmoe_backend.bench.replay import release_memory
 from flashmoe_backend.bench.report import machine_info
-from flashmoe_backend.store.format import MANIFEST, Manifest, read_manifest
+from flashmoe_backend.store.format import MANIFEST, Manifest
+from flashmoe_backend.store.source import open_source
 
 
 class _ModelProbe:
@@ -64,18 +66,18 @@ def _totals(streamer, steps: list) -> dict:
 
 
 def _generate(
-    cfg: ModelConfig, manifest: Manifest, budget: float, k: int | None, rng: np.random.Generator, report: dict
+    cfg: ModelConfig, source, budget: float, k: int | None, rng: np.random.Generator, report: dict
 ) -> tuple[dict, list[int]]:
     """One cold ``FlashMoE.generate`` of a random prompt at ``k`` experts per token (None: the
     model's own); returns its row of the report (whose store and bandwidth sections it uses) and
     the prompt."""
     from flashmoe_backend.engine import GB, FlashMoE
 
-    store = Path(cfg.store)
+    manifest = source.manifest
     rb, resident_bytes = report["store"]["record_bytes"], report["store"]["resident_bytes"]
-    evict_page_cache(store_files(store, manifest))
+    evict_page_cache(store_files(source, manifest))
     engine = FlashMoE.load(
-        store,
+        source.root,
         cache_gb=budget / GB,
         experts_per_token=k,
         page_cache=cfg.page_cache,
@@ -172,7 +174,10 @@ def _mlx_lm_in_memory(store: Path, manifest: Manifest, prompt: list[int], max_to
     from mlx_lm.utils import load_model, load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        model, _ = load_model(_full_model_dir(store, manifest, Path(tmp) / "full"))
+        full = store  # a checkpoint read in place: mlx-lm loads it whole as it is
+        if (store / MANIFEST).is_file():
+            full = _full_model_dir(store, manifest, Path(tmp) / "full")
+        model, _ = load_model(full)
         tokenizer = load_tokenizer(store)
         last = list(stream_generate(model, tokenizer, mx.array(prompt), max_tokens=max_tokens))[-1]
         del model
@@ -188,10 +193,10 @@ def run_model(cfg: ModelConfig, command: str = "") -> dict:
     """``FlashMoE.generate`` on a store; engine.stats and streamer counters against the floor."""
     from flashmoe_backend.engine import GB
 
-    store = Path(cfg.store)
-    manifest = read_manifest(store)
+    source = open_source(cfg.store)  # a store, a checkpoint read in place, a cached repo id
+    store, manifest = source.root, source.manifest
     rb = max(s.record_bytes for s in manifest.layers)
-    resident_bytes = (store / "model.safetensors").stat().st_size
+    resident_bytes = source.resident_bytes()
     expert_bytes = manifest.expert_bytes
     budget = cfg.cache_gb * GB if cfg.cache_gb else max(cfg.budget_frac * expert_bytes, 12 * rb)
     report: dict = {
@@ -214,12 +219,12 @@ def run_model(cfg: ModelConfig, command: str = "") -> dict:
         for i, s in enumerate(manifest.layers)
         for e in rng.choice(s.num_experts, min(s.num_experts, 4), replace=False)
     ]
-    disk = measure_disk(store, manifest, keys, 8, cfg.io_threads)
-    memory = measure_memory(store, manifest, records=min(64, len(keys)))
+    disk = measure_disk(source, manifest, keys, 8, cfg.io_threads)
+    memory = measure_memory(source, manifest, records=min(64, len(keys)))
     report["bandwidth"] = {"disk": disk, "memory": memory}
     runs = []
     for k in [None] + ([4] if cfg.with_k4 else []):
-        row, prompt = _generate(cfg, manifest, budget, k, rng, report)
+        row, prompt = _generate(cfg, source, budget, k, rng, report)
         runs.append(row)
     report["runs"] = runs
     avail = machine_info(store).get("memory_available_bytes") or 0

@@ -16,8 +16,11 @@ import numpy as np
 from flashmoe_backend.store.format import Manifest
 
 
-def store_files(store: Path, manifest: Manifest) -> list[Path]:
-    """The store's expert files, one per layer."""
+def store_files(store, manifest: Manifest) -> list[Path]:
+    """The files experts are read from: a store's expert files, one per layer; or, for an
+    ``ExpertSource`` (``store/layout.py``: a checkpoint read in place), its files."""
+    if not isinstance(store, (str, os.PathLike)):
+        return list(store.files)
     return [store / layer.file for layer in manifest.layers]
 
 

@@ -1,4 +1,4 @@
-"""The ``flashmoe`` command: pack, generate, chat, serve, info, verify, bench, demo.
+"""The ``flashmoe`` command: pack, generate, chat, serve, info, verify, bench, download, demo.
 
 Only the standard library is imported at the top: each command imports what it needs (the engine
 pulls in mlx-lm and transformers, seconds), so ``flashmoe --help`` and ``flashmoe info`` start at
@@ -28,10 +28,13 @@ EPILOG = """examples:
   flashmoe chat demo                     chat with it
   flashmoe generate demo -p "Hello"      one answer
   flashmoe serve demo                    an OpenAI-compatible server on http://127.0.0.1:8000/v1
-  flashmoe info demo                     what a store holds"""
+  flashmoe info demo                     what a store holds
+  flashmoe chat ~/models/Qwen3.5-397B-A17B-4bit   an mlx-community checkpoint, read in place
+  flashmoe download mlx-community/Qwen3.5-397B-A17B-4bit   then: flashmoe chat <that repo id>"""
 STORE_HELP = (
-    "store directory made by 'flashmoe pack', or 'demo' for the embedded demo model "
-    "(./demo for a directory of that name)"
+    "store directory made by 'flashmoe pack'; an mlx-community checkpoint directory (read in "
+    "place, no pack); a Hugging Face repo id ORG/NAME in the local Hugging Face cache; or 'demo' "
+    "for the embedded demo model (./demo for a directory of that name)"
 )
 
 # -- argument types: each raises ArgumentTypeError, which argparse prints as
@@ -106,8 +109,18 @@ class Parser(argparse.ArgumentParser):
 # -- arguments shared by several commands ---------------------------------------------------------
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def _add_store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE", type=store_path, help=STORE_HELP)
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="when STORE is a Hugging Face repo id not yet in the local cache, download it first "
+        "(huggingface_hub: resumable, with progress bars); without it nothing is downloaded",
+    )
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    _add_store_arg(p)
     p.add_argument("--cache-gb", type=number(gt=0), default=4.0, help="expert cache budget (GiB)")
     p.add_argument(
         "--experts-per-token",
@@ -204,10 +217,28 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def fetch_if_asked(args: argparse.Namespace) -> None:
+    """``--download``: a repo id not in the local Hugging Face cache is downloaded first."""
+    from flashmoe_backend.store.source import repo_id_of
+
+    repo = repo_id_of(args.store) if getattr(args, "download", False) else None
+    if repo is None:
+        return
+    from flashmoe_backend.errors import StoreNotFoundError
+    from flashmoe_backend.store.hub import cached_snapshot, download
+
+    try:
+        cached_snapshot(repo)
+    except StoreNotFoundError:
+        print(f"flashmoe: downloading {repo} into the Hugging Face cache", file=sys.stderr)
+        download(repo)
+
+
 def _load(args: argparse.Namespace):
     from flashmoe_backend.engine import FlashMoE
 
-    return FlashMoE.load(
+    fetch_if_asked(args)
+    engine = FlashMoE.load(
         args.store,
         cache_gb=args.cache_gb,
         experts_per_token=args.experts_per_token,
@@ -216,6 +247,15 @@ def _load(args: argparse.Namespace):
         # serve's option only; generate and chat run one process per conversation
         prompt_cache_dir=getattr(args, "prompt_cache_dir", None),
     )
+    if engine.distributed is not None and not engine.distributed.is_leader:
+        # Under mlx.launch every rank runs the same command; rank 0 does what it says, the
+        # others serve their experts to it, print nothing, and end when rank 0 closes.
+        try:
+            engine.follow()
+        finally:
+            engine.close()
+        raise SystemExit(0)
+    return engine
 
 
 def _answer(engine, prompt, args: argparse.Namespace):
@@ -229,6 +269,10 @@ def _answer(engine, prompt, args: argparse.Namespace):
     if hint:
         print(f"flashmoe: {hint}", file=sys.stderr)
     print_stats(result.stats)
+    if engine.distributed_stats is not None:
+        from flashmoe_backend.cli.console import format_distributed_stats
+
+        print("\n".join(format_distributed_stats(engine.distributed_stats)), file=sys.stderr)
     return result
 
 
@@ -265,7 +309,12 @@ def _read_turn(prompt: str = ">> ") -> str | None:
 def cmd_pack(args: argparse.Namespace) -> int:
     from flashmoe_backend.store.pack import PackOptions, pack
 
-    options = PackOptions(bits=args.bits, group_size=args.group_size, dtype=args.dtype)
+    options = PackOptions(
+        bits=args.bits,
+        group_size=args.group_size,
+        dtype=args.dtype,
+        delete_source_shards=args.delete_source_shards,
+    )
     manifest = pack(args.src, args.dst, options)
     print(
         f"packed {len(manifest.layers)} MoE layers, {manifest.expert_bytes / MiB:.1f} MiB of "
@@ -298,9 +347,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def served_model_id(store: Path) -> str:
-    """The name ``flashmoe serve`` lists in ``/v1/models``: ``demo`` for the embedded store, else
-    the store directory's name."""
-    return DEMO_NAME if store == default_store() else store.resolve().name
+    """The name ``flashmoe serve`` lists in ``/v1/models``: ``demo`` for the embedded store, the
+    repo id for a Hugging Face repo, else the store (or checkpoint) directory's name."""
+    from flashmoe_backend.store.source import repo_id_of
+
+    if store == default_store():
+        return DEMO_NAME
+    return repo_id_of(store) or store.resolve().name
 
 
 #: Hosts that only this machine reaches (serving there needs no API key).
@@ -319,7 +372,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_tokens_limit=args.max_tokens_limit,
     )
-    sock = listen(args.host, args.port)  # before the load: a port in use is said at once
+    from flashmoe_backend.distributed import launched_rank
+
+    # Before the load: a port in use is said at once. Under mlx.launch only rank 0 serves (the
+    # other ranks follow it from _load and never get here), so only it binds the port.
+    sock = listen(args.host, args.port) if launched_rank() == 0 else None
     try:
         if args.offline:  # after listen, which may look the host name up
             from flashmoe_backend.offline import block_network
@@ -338,25 +395,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             with engine.lock:  # a generation stopped at shutdown unwinds within a decode step
                 engine.close()
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
     return 0
 
 
 def store_info(store: Path) -> dict:
-    """Architecture and sizes of a store: what stays resident, what streams."""
-    from flashmoe_backend.store.format import (
-        RESIDENT,
-        check_store,
-        quantization_summary,
-        read_config,
-        read_manifest,
-    )
+    """Architecture and sizes of a store (or of a checkpoint read in place): what stays resident,
+    what streams."""
+    from flashmoe_backend.store.format import quantization_summary
+    from flashmoe_backend.store.layout import PackedStore
+    from flashmoe_backend.store.source import open_source
 
-    manifest, config = read_manifest(store), read_config(store)
-    check_store(store, manifest, config)
+    source = open_source(store)
+    manifest, config = source.manifest, source.config
     text = config.get("text_config", config)
     first = manifest.layers[0]
     return {
+        "source": "store" if isinstance(source, PackedStore) else "checkpoint (read in place)",
+        "path": str(source.root),
         "model_type": manifest.model_type,
         "layers": text.get("num_hidden_layers"),
         "moe_layers": len(manifest.layers),
@@ -364,16 +421,18 @@ def store_info(store: Path) -> dict:
         "experts_per_layer": first.num_experts,
         "experts_per_token": text.get("num_experts_per_tok"),
         "expert_quantization": first.quantization,
-        "quantization": quantization_summary(store, manifest, config),  # per tensor kind
+        # per tensor kind
+        "quantization": quantization_summary(source.root, manifest, config, source.resident_header()),
         "expert_record_bytes": first.record_bytes,
         "expert_bytes": manifest.expert_bytes,
-        "resident_bytes": (store / RESIDENT).stat().st_size,
+        "resident_bytes": source.resident_bytes(),
     }
 
 
 def cmd_info(args) -> int:
     from flashmoe_backend.store.format import summary_lines
 
+    fetch_if_asked(args)
     info = store_info(args.store)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -388,14 +447,45 @@ def cmd_info(args) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from flashmoe_backend.store.source import find_source, is_packed_store
+
+    fetch_if_asked(args)
+    path = find_source(args.store)
+    if not is_packed_store(path):
+        return _verify_checkpoint(path, args)
     from flashmoe_backend.store.format import verify_store
 
-    report = verify_store(args.store, progress=not args.quiet)
+    report = verify_store(path, progress=not args.quiet)
     for file, expert in report.bad:
-        print(f"CORRUPT {args.store / file}: expert {expert} fails its checksum", file=sys.stderr)
+        print(f"CORRUPT {path / file}: expert {expert} fails its checksum", file=sys.stderr)
     status = "OK" if report.ok else f"{len(report.bad)} corrupt record(s)"
     print(f"{status}: {report.records} records, {report.bytes / MiB:.1f} MiB checked")
     return 0 if report.ok else 1
+
+
+def _verify_checkpoint(path: Path, args: argparse.Namespace) -> int:
+    from flashmoe_backend.store.checkpoint import verify_checkpoint
+
+    report = verify_checkpoint(path, progress=not args.quiet)
+    for line in report.bad:
+        print(f"CORRUPT {line}", file=sys.stderr)
+    status = "OK" if report.ok else f"{len(report.bad)} problem(s)"
+    unhashed = report.shards - report.hashed
+    without = f" ({unhashed} with no Hugging Face sha256: not files of a Hugging Face cache)"
+    print(
+        f"{status}: {report.shards} weight files, {report.hashed} checked against their Hugging Face "
+        f"sha256{without if unhashed else ''}; {report.slices} expert slices against their first-read "
+        f"CRC32; {report.bytes / MiB:.1f} MiB read"
+    )
+    return 0 if report.ok else 1
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from flashmoe_backend.store.hub import download
+
+    path = download(args.repo, revision=args.revision)
+    print(f"downloaded {args.repo} to {path}; run it with: flashmoe chat {args.repo}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -441,7 +531,11 @@ def build_parser(commands: Collection[str | None] | None = None) -> argparse.Arg
     # SUPPRESS: a subcommand's --debug, when absent, leaves the top-level one's value alone
     common = [_debug_flag(argparse.SUPPRESS)]
 
-    p = sub.add_parser("pack", parents=common, help="pack a local checkpoint into a streaming store")
+    p = sub.add_parser(
+        "pack",
+        parents=common,
+        help="pack a local checkpoint into a streaming store (resumable: run it again after an interruption)",
+    )
     p.add_argument("src", type=Path, help="Hugging Face or mlx-community checkpoint directory")
     p.add_argument("dst", type=Path, help="store directory to create")
     p.add_argument(
@@ -453,6 +547,12 @@ def build_parser(commands: Collection[str | None] | None = None) -> argparse.Arg
     )
     p.add_argument("--group-size", type=number(int, ge=1), default=64)
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
+    p.add_argument(
+        "--delete-source-shards",
+        action="store_true",
+        help="delete each source shard once every tensor of it is in the store and verified, for a "
+        "disk that cannot hold both (the source is gone afterwards)",
+    )
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("generate", parents=common, help="generate text from a prompt")
@@ -481,15 +581,31 @@ def build_parser(commands: Collection[str | None] | None = None) -> argparse.Arg
     _add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("info", parents=common, help="architecture and sizes of a store")
-    p.add_argument("store", metavar="STORE", type=store_path, help=STORE_HELP)
+    p = sub.add_parser("info", parents=common, help="architecture and sizes of a store or checkpoint")
+    _add_store_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("verify", parents=common, help="check every expert record's checksum")
-    p.add_argument("store", metavar="STORE", type=store_path, help=STORE_HELP)
+    p = sub.add_parser(
+        "verify",
+        parents=common,
+        help="check every expert record's checksum (a checkpoint: each shard's Hugging Face sha256 "
+        "and the first-read checksums)",
+    )
+    _add_store_arg(p)
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "download",
+        parents=common,
+        help="download a Hugging Face checkpoint into the local Hugging Face cache (resumable)",
+    )
+    p.add_argument(
+        "repo", metavar="REPO", type=nonempty, help="repo id, e.g. mlx-community/Qwen3.5-397B-A17B-4bit"
+    )
+    p.add_argument("--revision", type=nonempty, default=None, help="branch, tag or commit (default: main)")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser(
         "bench", parents=common, help="decode/prefill against the physical floor (JSON + markdown)"

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal, TextIO
 
 if TYPE_CHECKING:
+    from flashmoe_backend.distributed import DistributedStats
     from flashmoe_backend.generation.params import Chunk, GenerationResult
     from flashmoe_backend.generation.stats import Stats
 
@@ -141,3 +142,16 @@ def format_stats(stats: Stats) -> str:
 def print_stats(stats: Stats, file: TextIO | None = None) -> None:
     """Print ``format_stats(stats)`` to ``file`` (default: stderr, so stdout holds only text)."""
     print(format_stats(stats), file=file or sys.stderr)
+
+
+def format_distributed_stats(stats: DistributedStats) -> list[str]:
+    """One line per rank of a group (``mlx.launch``): what it read and served, and its time in
+    collectives per generated token (waiting for slower ranks included)."""
+    tokens = max(stats.generated_tokens, 1)
+    return [
+        f"[flashmoe] rank {r.rank}: {r.bytes_read / MiB:.1f} MiB read, {r.hits} hits, "
+        f"{r.misses} misses ({r.hit_rate:.0%} hit rate), I/O wait {r.io_seconds:.2f}s, "
+        f"collectives {1000 * r.comm_seconds / tokens:.1f} ms/token, cache peak "
+        f"{r.cache_bytes_peak / MiB:.1f} of {r.budget_bytes / MiB:.1f} MiB"
+        for r in stats.ranks
+    ]

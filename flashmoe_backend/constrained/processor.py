@@ -42,8 +42,8 @@ _CLOSING_MARGIN = 16
 _PROBE_HORIZON = 512
 _PROBE_EVERY = 32
 _CLOSING_CANDIDATES = 8
-# Bytes a finishing walk tries, best first, for one that moves the grammar on.
-_STATE_TRIALS = 6
+# Bytes a finishing walk looks at, best first, for one that moves the grammar on.
+_STATE_TRIALS = 24
 # Bytes of finishing text looked at per token left (tokens hold ~3-4 bytes of such text).
 _BYTES_PER_TOKEN = 4
 
@@ -239,8 +239,7 @@ class ConstrainedLogitsProcessor:
                                                     often is not None and chosen[b] >= often))
             # Better still, a byte after which other bytes are allowed than now: a digit of
             # ``[0-9]+[wdhm]`` leaves the same choice (a loop), the unit moves on.
-            pick = next((b for b in ranked[:_STATE_TRIALS] if self._moves_on(m, b, here, order)),
-                        ranked[0])
+            pick = self._first_moving_on(m, ranked, here, order)
             if not m.consume_token(bt[pick]):
                 return None
             out.append(pick)
@@ -254,12 +253,34 @@ class ConstrainedLogitsProcessor:
         mask = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
         return [b for b in order if mask[bt[b] >> 3] >> (bt[b] & 7) & 1]
 
+    def _first_moving_on(self, m: Any, ranked: list[int], here: list[int], order: list[int]) -> int:
+        """The first of ``ranked`` that is not a loop (else the first): once a digit (a
+        letter, ...) loops, the other bytes of its kind are taken to loop too, untried."""
+        looping: set[str] = set()
+        for b in ranked[:_STATE_TRIALS]:
+            kind = _byte_kind(b)
+            if kind in looping:
+                continue
+            if self._moves_on(m, b, here, order):
+                return b
+            if kind != "other":
+                looping.add(kind)
+        return ranked[0]
+
     def _moves_on(self, m: Any, byte: int, here: list[int], order: list[int]) -> bool:
-        """Whether ``byte`` finishes the structure or changes which bytes may follow."""
+        """Whether ``byte`` is not a loop: a loop byte (a digit of ``[0-9]+``, a letter in a
+        string) leaves the same bytes allowed after it, also when taken twice. A closing ``]``
+        may leave the same choice once (``,`` or ``]`` one level up) but not twice."""
+        token = self.vocabulary.byte_token_ids[byte]
         trial = m.deep_copy()
-        if not trial.consume_token(self.vocabulary.byte_token_ids[byte]):
+        if not trial.consume_token(token):
             return False
-        return bool(trial.is_accepting()) or self._allowed_bytes(trial, order) != here
+        for _ in range(2):
+            if trial.is_accepting() or self._allowed_bytes(trial, order) != here:
+                return True
+            if not trial.consume_token(token):
+                return True
+        return False
 
     def _closing_phrase(self, m: Any) -> bytes:
         """The first of :data:`_CLOSING_PHRASES` the grammar allows here in full, or ``b""``."""
@@ -411,6 +432,10 @@ class ConstrainedLogitsProcessor:
 _SPARSE_LIMIT = 4096
 #: Dense biases a processor keeps (the masks it met last).
 _BIAS_CACHE = 4
+
+
+def _byte_kind(b: int) -> str:
+    return "digit" if 48 <= b <= 57 else "letter" if (65 <= b <= 90 or 97 <= b <= 122) else "other"
 
 
 def _ids_from_words(words: np.ndarray) -> np.ndarray:

@@ -1,9 +1,11 @@
-"""Reads expert records from the store: one aligned ``preadv`` per expert, many at once.
+"""Reads experts from a model source: aligned ``preadv``s on a thread pool, many experts at once.
 
-Reads run on a thread pool; ``os.preadv`` and ``zlib.crc32`` release the GIL, so the
-threads overlap for real. Each record is read into a reusable page-aligned staging buffer
-(a requirement of O_DIRECT), checked against its manifest checksum, and copied into MLX
-arrays (one per tensor of the record).
+Where an expert's bytes are is the source's business (``store/layout.py``): a packed store gives
+one extent per expert (its record), a checkpoint read in place one per tensor slice. Reads run on
+a thread pool; ``os.preadv`` and ``zlib.crc32`` release the GIL, so the threads overlap for real.
+Each expert is read into a reusable page-aligned staging buffer (a requirement of O_DIRECT), each
+extent as its aligned superset (O_DIRECT needs aligned offsets and lengths; the extent is then a
+slice of it, no copy), checked through the source, and copied into MLX arrays (one per tensor).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Literal
 import mlx.core as mx
 import numpy as np
 
-from flashmoe_backend.store.format import LayerSpec, Manifest, StoreError, checksum
+from flashmoe_backend.store.format import ALIGNMENT, Manifest, StoreError, TensorSpec, checksum
+from flashmoe_backend.store.layout import ExpertSource, as_source
 
 PageCache = Literal["bypass", "keep"]
 Verify = Literal["first", "always", "never"]
@@ -69,33 +72,41 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
 
 
-def _to_mlx(record: np.ndarray, layer: LayerSpec) -> ExpertWeights:
-    weights = {}
-    for t in layer.tensors:
-        carrier = _NUMPY_CARRIER[t.dtype] if t.dtype in _NUMPY_CARRIER else np.dtype(t.dtype)
-        view = record[t.offset : t.offset + t.nbytes].view(carrier).reshape(t.shape)
-        array = mx.array(view)
-        if t.dtype in _NUMPY_CARRIER:
-            array = array.view(getattr(mx, t.dtype))
-        weights[t.name] = array
-    return weights
+def _tensor_to_mlx(data: np.ndarray, t: TensorSpec) -> mx.array:
+    """The tensor ``t`` (``t.offset`` into ``data``) as an MLX array (a copy)."""
+    carrier = _NUMPY_CARRIER[t.dtype] if t.dtype in _NUMPY_CARRIER else np.dtype(t.dtype)
+    array = mx.array(data[t.offset : t.offset + t.nbytes].view(carrier).reshape(t.shape))
+    if t.dtype in _NUMPY_CARRIER:
+        array = array.view(getattr(mx, t.dtype))
+    return array
 
 
 class ExpertReader:
-    """Reads whole expert records of a store, in parallel, checking checksums."""
+    """Reads experts of a model source, in parallel, checking their checksums through it.
 
-    def __init__(self, store: Path, manifest: Manifest, config: ReaderConfig = ReaderConfig()):
-        self.store = store
-        self.manifest = manifest
+    ``ExpertReader(store_dir, manifest)`` reads a packed store; ``ExpertReader(source)`` any
+    ``ExpertSource`` (a packed store or a checkpoint read in place).
+    """
+
+    def __init__(
+        self,
+        store: Path | ExpertSource,
+        manifest: Manifest | None = None,
+        config: ReaderConfig = ReaderConfig(),
+    ):
+        store = as_source(store, manifest)
+        self.source: ExpertSource = store
+        self.store = store.root
+        self.manifest = store.manifest
         self.config = config
         self._fds: list[int] = []
         self._direct: list[bool] = []
-        for layer in manifest.layers:
-            fd, direct = _open(store / layer.file, config.page_cache)
+        for path in store.files:
+            fd, direct = _open(path, config.page_cache)
             self._fds.append(fd)
             self._direct.append(direct)
-        self._verified = [np.zeros(layer.num_experts, dtype=bool) for layer in manifest.layers]
-        self._buffers: dict[int, queue.SimpleQueue] = {}  # record size -> idle staging buffers
+        self._verified = [np.zeros(layer.num_experts, dtype=bool) for layer in self.manifest.layers]
+        self._buffers: dict[int, queue.SimpleQueue] = {}  # buffer size -> idle staging buffers
         self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="flashmoe-io")
 
     @property
@@ -120,46 +131,65 @@ class ExpertReader:
         except queue.Empty:
             return aligned_buffer(nbytes)
 
+    def _read_extent(self, view: np.ndarray, file: int, start: int, needed: int, expert: int) -> None:
+        """Fill ``view`` from ``file`` at byte ``start``; at least ``needed`` bytes must exist (an
+        aligned superset may run past the end of the file)."""
+        done = 0
+        while done < needed:
+            n = os.preadv(self._fds[file], [view[done:]], start + done)
+            if n == 0:
+                raise StoreError(
+                    f"{self.source.files[file]}: truncated, expert {expert} ends past end of file"
+                )
+            done += n
+
     def _read_one(self, layer_index: int, expert: int) -> ExpertWeights:
         layer = self.manifest.layers[layer_index]
-        path = self.store / layer.file
         if not 0 <= expert < layer.num_experts:
-            raise StoreError(f"{path}: expert {expert} out of range (0..{layer.num_experts - 1})")
-        buffer = self._staging(layer.record_bytes)
+            raise StoreError(
+                f"{self.store}: {layer.module}: expert {expert} out of range (0..{layer.num_experts - 1})"
+            )
+        size = self.source.staging_bytes(layer_index)
+        buffer = self._staging(size)
         try:
-            offset, done = expert * layer.record_bytes, 0
-            while done < layer.record_bytes:
-                n = os.preadv(self._fds[layer_index], [buffer[done:]], offset + done)
-                if n == 0:
-                    raise StoreError(f"{path}: truncated, expert {expert} ends past end of file")
-                done += n
-            if self.config.verify == "always" or (
+            verify = self.config.verify == "always" or (
                 self.config.verify == "first" and not self._verified[layer_index][expert]
-            ):
-                if checksum(buffer) != layer.checksums[expert]:
+            )
+            weights, pos = {}, 0
+            for k, x in enumerate(self.source.extents(layer_index, expert)):
+                direct = self._direct[x.file]
+                # O_DIRECT: read the aligned superset, then slice the extent out of it.
+                start = x.offset - x.offset % ALIGNMENT if direct else x.offset
+                end = -(-(x.offset + x.nbytes) // ALIGNMENT) * ALIGNMENT if direct else x.offset + x.nbytes
+                if pos + (end - start) > size:
                     raise StoreError(
-                        f"{path}: checksum mismatch in expert {expert} of {layer.module} "
-                        f"(record at byte {offset}); the store is corrupt, run `flashmoe verify`"
+                        f"{self.source.files[x.file]}: expert {expert} of {layer.module} does not fit "
+                        f"its staging buffer ({size} bytes)"
                     )
+                span = buffer[pos : pos + end - start]
+                self._read_extent(span, x.file, start, x.offset + x.nbytes - start, expert)
+                data = span[x.offset - start : x.offset - start + x.nbytes]
+                if verify:
+                    self.source.check(layer_index, expert, k, checksum(data))
+                for t in x.tensors:
+                    weights[t.name] = _tensor_to_mlx(data, t)
+                if self.config.page_cache == "bypass" and not direct and hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(self._fds[x.file], x.offset, x.nbytes, os.POSIX_FADV_DONTNEED)
+                pos += -(-(end - start) // ALIGNMENT) * ALIGNMENT
+            if verify:
                 self._verified[layer_index][expert] = True
-            weights = _to_mlx(buffer, layer)
             # mx.array copied the bytes; the re-views are operations of this thread's stream, which
             # another thread cannot evaluate: evaluate them here.
             mx.eval(weights)
-            if (
-                self.config.page_cache == "bypass"
-                and not self._direct[layer_index]
-                and hasattr(os, "posix_fadvise")
-            ):
-                os.posix_fadvise(self._fds[layer_index], offset, layer.record_bytes,
-                                 os.POSIX_FADV_DONTNEED)
             return weights
         finally:
-            self._buffers[layer.record_bytes].put(buffer)
+            self._buffers[size].put(buffer)
 
     def close(self) -> None:
-        """Stop the thread pool and close the expert files."""
+        """Stop the thread pool, close the expert files and let the source persist what it
+        learnt (a checkpoint's first-read checksums)."""
         self._pool.shutdown(wait=True)
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+        self.source.flush()

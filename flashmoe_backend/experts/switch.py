@@ -32,7 +32,7 @@ from flashmoe_backend.experts.cache import ExpertCache
 from flashmoe_backend.experts.grouped import DEFAULT_PATH, ExpertPath, grouped_switch, use_grouped
 from flashmoe_backend.experts.reader import ExpertReader, ExpertWeights
 from flashmoe_backend.generation.stats import Step
-from flashmoe_backend.store.format import LayerSpec, Manifest, StoreError
+from flashmoe_backend.store.format import LayerSpec, Manifest, StoreError, layer_quantization
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
 #: On the grouped path, hand the GPU this many experts' work at a time while reads go on.
@@ -100,6 +100,11 @@ class ExpertStreamer:
         self.hooks = hooks if hooks is not None else StreamHooks()
         self.counters = StreamCounters()
         self.steps: list[Step] | None = None  # the forward passes, while recording
+        # Expert parallelism (``flashmoe_backend/distributed.py``): with a group of ranks, each
+        # layer call goes through it (it sends the call to the other ranks, computes this
+        # rank's experts with ``StreamingSwitch.partial`` and sums the ranks' outputs); None
+        # when this process runs the whole model.
+        self.shard = None
         largest = max(layer.record_bytes for layer in manifest.layers)
         if cache.budget_bytes < largest:
             raise ValueError(
@@ -205,6 +210,11 @@ class StreamingSwitch(nn.Module):
         self._streamer = streamer
 
     @property
+    def layer(self) -> int:
+        """This layer's index among the manifest's MoE layers."""
+        return self._layer
+
+    @property
     def template(self) -> nn.Module:
         """The layer's original ``SwitchGLU`` / ``SwitchMLP`` (outside the parameter tree); the
         stacked path loads each call's experts into it."""
@@ -237,6 +247,8 @@ class StreamingSwitch(nn.Module):
         streamer.counters.calls += 1
         if self._layer == 0:
             streamer.begin_step(host.size // host.shape[-1])
+        if streamer.shard is not None:
+            return streamer.shard.forward(self, x, host, indices.dtype)
         needed = np.unique(host).tolist()
         groups = streamer.plan_groups(self._layer, needed)
         streamer.counters.groups += len(groups)
@@ -244,6 +256,29 @@ class StreamingSwitch(nn.Module):
             if len(groups) == 1:
                 return self._run(x, host, indices.dtype, needed)
             return self._run_grouped(x, host, indices.dtype, groups)
+        finally:
+            streamer.release()
+
+    def partial(self, x: mx.array, host: np.ndarray, dtype: mx.Dtype, experts: list[int]) -> mx.array:
+        """This layer's output, ``[*host.shape, dims]`` in ``x``'s dtype, for the (token, k)
+        pairs routed to ``experts`` only and zero for all the others: one rank's share under
+        expert parallelism. Only those experts are fetched; each pair's row is computed as in
+        ``__call__`` (the same SwitchGLU math), so the ranks' shares add up exactly."""
+        streamer, k = self._streamer, host.shape[-1]
+        flat = host.reshape(-1)
+        rows = x.reshape(-1, x.shape[-1])
+        out = mx.zeros((flat.size, rows.shape[-1]), dtype=x.dtype)
+        groups = streamer.plan_groups(self._layer, experts) if experts else []
+        streamer.counters.groups += len(groups)
+        try:
+            for group in groups:
+                pos = np.nonzero(np.isin(flat, group))[0]
+                y = self._run(rows[mx.array(pos // k)], flat[pos][:, None], dtype, group)
+                out[mx.array(pos)] = y[:, 0].astype(x.dtype)
+                if len(groups) > 1:
+                    mx.eval(out)  # before the next group may evict these experts
+                    streamer.release()
+            return out.reshape(*host.shape, rows.shape[-1])
         finally:
             streamer.release()
 
@@ -285,6 +320,17 @@ def _quantize_template(template: nn.Module, spec: LayerSpec) -> None:
         return hasattr(module, "to_quantized") and (spec.module_quantization(path) or False)
 
     nn.quantize(template, class_predicate=predicate)
+
+
+def switch_quantization(switch: nn.Module) -> dict | None:
+    """The manifest's ``quantization`` of one layer's experts (``LayerSpec.quantization``), from
+    each projection's own; the inverse of ``_quantize_template``."""
+    per_module = {
+        name: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode} if "scales" in m else None
+        for name, m in switch.named_modules()
+        if name and "weight" in m
+    }
+    return layer_quantization(per_module)
 
 
 def install_streaming(model: nn.Module, manifest: Manifest, streamer: ExpertStreamer) -> int:

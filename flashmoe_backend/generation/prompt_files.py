@@ -41,8 +41,9 @@ _NAME = re.compile(r"^[0-9a-f]{64}\.safetensors$")
 Cache = list[Any]
 
 
-def store_identity(store: Path, config: dict) -> str:
-    """What a snapshot is only valid for: the store's manifest (its expert records' checksums),
+def store_identity(store: Path, config: dict, fingerprint: bytes | None = None) -> str:
+    """What a snapshot is only valid for: the source's ``fingerprint`` (default: the store's
+    manifest, its expert records' checksums; a checkpoint read in place gives its index),
     the model config as loaded (``experts_per_token`` included: it changes the computation), the
     resident weight files (name, size, modification time: hashing gigabytes at every start would
     cost more than it saves), and the mlx / mlx-lm versions that define the cache's layout."""
@@ -50,7 +51,7 @@ def store_identity(store: Path, config: dict) -> str:
 
     h = hashlib.sha256()
     h.update(FILE_FORMAT.encode())
-    h.update((store / "manifest.json").read_bytes())
+    h.update(fingerprint if fingerprint is not None else (store / "manifest.json").read_bytes())
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for path in sorted(store.glob("*.safetensors")):
         st = path.stat()

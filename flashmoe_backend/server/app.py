@@ -180,7 +180,7 @@ async def _result(generation: Generation, request: Request) -> GenerationResult:
     watcher = asyncio.create_task(watch())
     try:
         result = None
-        async for item in generation.items():
+        async for item in generation.items(only_result=True):
             if isinstance(item, GenerationResult):
                 result = item
     finally:

@@ -118,9 +118,10 @@ class Generation:
             return None
         return max(self.gate.timeout - (time.monotonic() - self.started), 0.0)
 
-    async def items(self) -> AsyncIterator[Chunk | GenerationResult]:
-        """The engine's ``Chunk``s, then its ``GenerationResult``. Raises ``APIError`` 504 when
-        the request's timeout passes, waiting or generating (the generation is stopped)."""
+    async def items(self, only_result: bool = False) -> AsyncIterator[Chunk | GenerationResult]:
+        """The engine's ``Chunk``s, then its ``GenerationResult`` (``only_result``: just the
+        result, for a response that is not streamed). Raises ``APIError`` 504 when the request's
+        timeout passes, waiting or generating (the generation is stopped)."""
         turn = self.gate._turn
         try:
             try:
@@ -129,7 +130,7 @@ class Generation:
             except TimeoutError:
                 raise self._timeout("waiting in the queue") from None
             try:
-                async for item in self._generate():
+                async for item in self._generate(only_result):
                     yield item
             finally:
                 # The engine may still be unwinding in its thread; its own lock holds the next
@@ -138,12 +139,17 @@ class Generation:
         finally:
             self.release()
 
-    async def _generate(self) -> AsyncIterator[Chunk | GenerationResult]:
+    async def _generate(self, only_result: bool) -> AsyncIterator[Chunk | GenerationResult]:
         iterator, ended = self.iterator, self.ended
 
         def run() -> Iterator[Chunk | GenerationResult]:
             try:
-                yield from iterator
+                for item in iterator:
+                    # Chunks nobody streams stay in the engine's thread: handing each to the
+                    # event loop costs a wake-up per token (measured in bench/bench_server.py).
+                    # Cancellation does not need them: CancelCheck stops the engine itself.
+                    if not only_result or isinstance(item, GenerationResult):
+                        yield item
             finally:
                 ended.set()
 

@@ -21,8 +21,10 @@ flashmoe versions read too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import struct
 import zlib
 from collections import Counter
@@ -541,18 +543,29 @@ def summarize_kinds(entries: Iterable[tuple[str, str, str]]) -> dict[str, str]:
     return summary
 
 
-def safetensors_header(path: Path) -> dict:
-    """The tensor table of a safetensors file (name -> dtype, shape, data_offsets), without
-    reading the data; raises ``StoreError`` naming the file if the header is malformed."""
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The header of a safetensors file: its tensor table and where the data starts."""
+
+    tensors: dict  # name -> {"dtype", "shape", "data_offsets"} (offsets relative to data_start)
+    data_start: int  # byte offset of the data section: 8 + the header's length
+    digest: str  # sha256 of the header's bytes: a fingerprint of the file's layout
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """The header of a safetensors file (8-byte length + JSON), without reading the data; raises
+    ``StoreError`` naming the file if the header is malformed or a tensor's data lies past the
+    end of the file (a truncated file)."""
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            size = path.stat().st_size
+            size = os.fstat(f.fileno()).st_size
             if length > size - 8:
                 raise StoreError(
                     f"{path}: not a safetensors file (header of {length} bytes in a file of {size})"
                 )
-            header = json.loads(f.read(length))
+            raw = f.read(length)
+            header = json.loads(raw)
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{path}: not a readable safetensors file ({e})") from e
     if not isinstance(header, dict):
@@ -571,7 +584,13 @@ def safetensors_header(path: Path) -> dict:
                 f"{path}: tensor {name!r} has data offsets {offsets!r} outside the file's "
                 f"{data_bytes} data bytes; the file is truncated or corrupt"
             )
-    return header
+    return SafetensorsHeader(header, 8 + length, hashlib.sha256(raw).hexdigest())
+
+
+def safetensors_header(path: Path) -> dict:
+    """The tensor table of a safetensors file (name -> dtype, shape, data_offsets), without
+    reading the data; raises ``StoreError`` naming the file if the header is malformed."""
+    return read_safetensors_header(path).tensors
 
 
 def resident_quantization(header: dict, config: dict) -> dict[str, tuple[dict | None, str]]:
@@ -595,16 +614,19 @@ def resident_quantization(header: dict, config: dict) -> dict[str, tuple[dict | 
     return found
 
 
-def quantization_summary(store: Path, manifest: Manifest, config: dict) -> dict[str, str]:
+def quantization_summary(
+    store: Path, manifest: Manifest, config: dict, resident_header: dict | None = None
+) -> dict[str, str]:
     """Quantization per tensor kind of a store, e.g. ``{"experts": "gate/up: 4-bit g64, down:
-    4-bit g32", "attention": "4-bit g64", "embed": "4-bit g64", ...}``."""
+    4-bit g32", "attention": "4-bit g64", "embed": "4-bit g64", ...}``; ``resident_header`` is the
+    resident weights' tensor table (default: the store's ``model.safetensors``)."""
     entries = []
     for layer in manifest.layers:
         dtypes = {t.name: t.dtype for t in layer.tensors}
         for name in layer.projections:
             q = layer.module_quantization(name)
             entries.append(("experts", name, describe_quantization(q, dtypes[f"{name}.weight"])))
-    header = safetensors_header(store / RESIDENT)
+    header = resident_header if resident_header is not None else safetensors_header(store / RESIDENT)
     for module, (q, dtype) in resident_quantization(header, config).items():
         kind, member = tensor_kind(module)
         entries.append((kind, member, describe_quantization(q, dtype)))

@@ -17,19 +17,17 @@ MLX loads safetensors lazily: evaluating one layer's experts reads only that lay
 a checkpoint bigger than memory holds one layer of experts at a time. The converted weights'
 shapes are known before anything is evaluated, so the store's size is computed, and checked
 against the destination's free space, before anything is written. The store is built in a
-temporary sibling directory and renamed into place at the end: an interrupted pack leaves
-nothing at the destination.
+hidden sibling directory and renamed into place at the end: an interrupted pack leaves nothing
+at the destination, and a rerun resumes at the first unfinished layer (``store/progress.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,28 +37,38 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
-from mlx_lm.utils import _get_classes, load_model, quantize_model, save_config
+from mlx_lm.utils import load_model, quantize_model, save_config
 from tqdm import tqdm
 
-from flashmoe_backend.experts.switch import find_switch_modules
+from flashmoe_backend.experts.switch import find_switch_modules, switch_quantization
+from flashmoe_backend.store.checkpoint import (
+    build_lazy_model,
+    check_tokenizer,
+    check_weight_files,
+    read_checkpoint_config,
+)
 from flashmoe_backend.store.format import (
     CONFIG,
     KIND_ORDER,
     MANIFEST,
     RESIDENT,
     TOKENIZER_FILES,
-    TOKENIZER_REQUIRED,
     LayerSpec,
     Manifest,
     StoreError,
     TensorSpec,
     checksum,
     describe_quantization,
-    layer_quantization,
     record_layout,
     required_version,
-    safetensors_header,
     tensor_kind,
+)
+from flashmoe_backend.store.progress import (
+    PROGRESS,
+    PackProgress,
+    layer_number,
+    partial_dir,
+    verify_layer_file,
 )
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8, 16)
@@ -69,20 +77,6 @@ CONVERSION_DTYPES = ("float16", "bfloat16", "float32")
 GiB = 1024**3
 # Room for what the size estimate leaves out: safetensors headers, config and manifest JSON.
 _HEADROOM_BYTES = 1 << 20
-_INT_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "intermediate_size",
-    "moe_intermediate_size",
-    "shared_expert_intermediate_size",
-    "num_experts",
-    "num_local_experts",
-    "num_experts_per_tok",
-    "vocab_size",
-)
 
 
 @dataclass(frozen=True)
@@ -93,6 +87,9 @@ class PackOptions:
     group_size: int = 64
     dtype: str | None = None  # float dtype of unquantized weights; default: the checkpoint's
     progress: bool = True
+    #: delete each source shard once every tensor of it is in the store, verified (for a disk
+    #: that cannot hold both); the pack then cannot be run again from the same source
+    delete_source_shards: bool = False
 
 
 class PlannedQuantization(NamedTuple):
@@ -118,75 +115,13 @@ def _check_options(options: PackOptions) -> None:
         )
 
 
-def _read_source_config(src: Path) -> dict:
-    path = src / CONFIG
-    if not src.is_dir():
-        raise StoreError(f"{src}: no such checkpoint directory")
-    if not path.is_file():
-        raise StoreError(f"{path}: missing; {src} is not a model checkpoint")
+def _load_source(src: Path, gone: Collection[str] = ()) -> tuple[nn.Module, dict]:
+    """The model of ``src``, lazily (nothing is read until evaluated). ``gone``: shards a
+    resumed pack already deleted (``--delete-source-shards``); their tensors are all in finished
+    steps, so they are neither required nor read."""
+    check_weight_files(src, gone)
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise StoreError(f"{path}: must hold a JSON object, not {type(config).__name__}")
-    quantization = config.get("quantization")
-    if quantization is not None and not (
-        isinstance(quantization, dict)
-        and all(isinstance(quantization.get(k), int) for k in ("bits", "group_size"))
-    ):
-        raise StoreError(
-            f"{path}: field 'quantization' must be an object with integer 'bits' and "
-            f"'group_size', got {quantization!r}"
-        )
-    return config
-
-
-def _check_config_fields(path: Path, config: dict) -> None:
-    """The integer settings of the config (and its ``text_config``) must be integers: a string
-    there fails deep inside the model's constructor with a message that names no field."""
-    text = config.get("text_config")
-    if text is not None and not isinstance(text, dict):
-        raise StoreError(f"{path}: field 'text_config' must be an object, got {text!r}")
-    for prefix, section in (("", config), ("text_config.", text or {})):
-        for name in _INT_FIELDS:
-            value = section.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise StoreError(f"{path}: field '{prefix}{name}' must be an integer, got {value!r}")
-
-
-def _check_architecture(src: Path, config: dict) -> None:
-    """Refuse, before reading any weight, what is not an mlx-lm MoE built on SwitchGLU."""
-    model_type = config.get("model_type")
-    try:
-        model_class, args_class = _get_classes(config)
-    except (ValueError, KeyError) as e:
-        raise StoreError(
-            f"{src / CONFIG}: model_type {model_type!r} is not an architecture mlx-lm knows"
-        ) from e
-    try:
-        model = model_class(args_class.from_dict(config))  # lazy: no memory
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        # A field of the wrong type or a missing one (the message names it).
-        raise StoreError(f"{src / CONFIG}: cannot build a {model_type!r} model from it: {e}") from e
-    if not find_switch_modules(model):
-        raise StoreError(
-            f"{src / CONFIG}: model_type {model_type!r} has no MoE experts (no SwitchGLU "
-            f"layers); flashmoe streams Mixture-of-Experts models only"
-        )
-
-
-def _check_weight_files(src: Path) -> None:
-    """Name the weight file whose header is unreadable or points past its end (MLX's own error
-    names neither the file nor, for a bad header, the problem)."""
-    for path in sorted(src.glob("model*.safetensors")):
-        safetensors_header(path)
-
-
-def _load_source(src: Path) -> tuple[nn.Module, dict]:
-    _check_weight_files(src)
-    try:
-        return load_model(src, lazy=True, strict=True)
+        return load_model(src, lazy=True, strict=not gone)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise StoreError(f"{src}: cannot load the checkpoint with mlx-lm: {e}") from e
     except KeyError as e:  # a model's sanitize looked for a tensor the checkpoint lacks
@@ -325,16 +260,6 @@ def _prepare(
     return _quantize(model, config, plan, options), plan
 
 
-def _switch_quantization(switch: nn.Module) -> dict | None:
-    """The manifest's ``quantization`` of one layer's experts, from each projection's own."""
-    per_module = {
-        name: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode} if "scales" in m else None
-        for name, m in switch.named_modules()
-        if name and "weight" in m
-    }
-    return layer_quantization(per_module)
-
-
 def _layout(params: dict[str, mx.array]) -> tuple[list[TensorSpec], int]:
     """Record layout of one expert of these stacked ``[E, ...]`` tensors."""
     return record_layout(
@@ -410,7 +335,7 @@ def _write_layer(path: str, switch: nn.Module, out: Path) -> LayerSpec:
             f.write(record.data)
         f.flush()
         os.fsync(f.fileno())
-    quantization = _switch_quantization(switch)
+    quantization = switch_quantization(switch)
     # Drop this layer's weights now: the next layer must not find them still in memory.
     switch.update(tree_map_with_path(lambda *_: mx.array([]), switch.parameters()))
     return LayerSpec(
@@ -422,11 +347,6 @@ def _write_layer(path: str, switch: nn.Module, out: Path) -> LayerSpec:
         quantization=quantization,
         checksums=checksums,
     )
-
-
-def _check_tokenizer(src: Path) -> None:
-    if not any((src / name).is_file() for name in TOKENIZER_REQUIRED):
-        raise StoreError(f"{src}: missing tokenizer file (one of {', '.join(TOKENIZER_REQUIRED)})")
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
@@ -446,43 +366,146 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_resident(model: nn.Module, skip: tuple[str, ...], out: Path) -> None:
+    """Write the resident (non-expert) weights, read them back from the disk and compare; then
+    free them (they are not needed again, and the expert layers follow)."""
+    resident = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith(skip)}
+    mx.save_safetensors(str(out), resident, metadata={"format": "mlx"})
+    with open(out, "rb") as f:
+        os.fsync(f.fileno())
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # compare what the disk holds
+    written = mx.load(str(out))
+    if set(written) != set(resident):
+        raise StoreError(f"{out}: holds other tensors than were written; the disk lost data")
+    for name, value in resident.items():
+        same = mx.array_equal(value, written[name], equal_nan=True).item()
+        if value.dtype != written[name].dtype or not same:
+            raise StoreError(f"{out}: tensor {name} reads back differently; the disk lost data")
+    model.update(tree_map_with_path(lambda k, v: mx.array([]) if not k.startswith(skip) else v,
+                                    model.parameters()))
+
+
+def _lock(directory: Path) -> int:
+    """Hold an exclusive lock on ``directory`` (released when the process ends): two packs to
+    one destination would write the same files."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError(f"{directory}: another flashmoe pack is writing this store") from None
+    return fd
+
+
+def _delete_consumed(src: Path, progress: PackProgress, layer_numbers: list[int]) -> None:
+    """``--delete-source-shards``: delete each source shard whose every tensor is in a finished,
+    verified step. Recorded first, then deleted: a crash in between leaves a shard that the
+    journal already counts as gone, never the reverse. A Hugging Face cache file is a link to a
+    blob: both go."""
+    for shard in progress.consumed_shards(src, layer_numbers):
+        progress.deleted_shards.append(shard.name)
+        progress.save()
+        target = shard.resolve()
+        shard.unlink()
+        if target != shard.absolute() and target.exists():
+            target.unlink()
+        print(f"flashmoe pack: deleted {shard} (every tensor of it is in the store)", file=sys.stderr)
+
+
 def pack(src: Path | str, dst: Path | str, options: PackOptions = PackOptions()) -> Manifest:
     """Pack the checkpoint at ``src`` into a new store at ``dst`` (which must not exist).
 
     Everything that can be checked is checked before anything is written: the options, the
     source's config, architecture, tokenizer and weight files, and the free disk space at
-    ``dst``. Raises ``StoreError`` naming the file, field or tensor at fault. Prints one line
-    per tensor kind that needed another group size or stays unquantized (see ``fallback_notices``).
+    ``dst`` (for what is left to write). Raises ``StoreError`` naming the file, field or tensor
+    at fault. Prints one line per tensor kind that needed another group size or stays
+    unquantized (see ``fallback_notices``).
+
+    Resumable: the store is built in ``.<name>.partial`` beside ``dst`` and each finished step
+    (resident weights, then each expert layer) is verified and recorded there
+    (``store/progress.py``); an interrupted pack, run again with the same source and options,
+    verifies the finished layers and resumes at the first unfinished one. The store is renamed
+    into place, loadable, only when complete. ``options.delete_source_shards`` deletes each
+    source shard once all of it is in the store.
     """
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     _check_options(options)
     where = _check_destination(dst)
-    config = _read_source_config(src)
-    _check_config_fields(src / CONFIG, config)
-    _check_architecture(src, config)
-    _check_tokenizer(src)
-    model, config = _load_source(src)
+    config = read_checkpoint_config(src)
+    build_lazy_model(src, config)  # refuses what is not an mlx-lm MoE, before reading any weight
+    check_tokenizer(src)
+    tmp = partial_dir(dst)
+    # A partial pack is locked before it is read: another pack may be writing it.
+    locks = [_lock(tmp)] if tmp.is_dir() else []
+    try:
+        return _pack_into(src, dst, tmp, where, config, options, locks)
+    finally:
+        for fd in locks:
+            os.close(fd)
+
+
+def _pack_into(
+    src: Path, dst: Path, tmp: Path, where: Path, config: dict, options: PackOptions, locks: list[int]
+) -> Manifest:
+    """``pack`` from the journal on: resume or start in ``tmp`` (locked in ``locks`` if it existed;
+    else created and locked here, the lock added to ``locks`` for ``pack`` to release)."""
+    progress, notice = PackProgress.start(
+        tmp, src, {"bits": options.bits, "group_size": options.group_size, "dtype": options.dtype}
+    )
+    model, config = _load_source(src, gone=progress.deleted_shards)
     switches = find_switch_modules(model)
     config, plan = _prepare(model, config, options, src)
-    _check_disk_space(dst, where, estimate_store_bytes(model, switches, src))
+    done = progress.done_bytes() + ((tmp / RESIDENT).stat().st_size if progress.resident else 0)
+    _check_disk_space(dst, where, estimate_store_bytes(model, switches, src) - done)
     for line in fallback_notices(plan, {path for path, _ in switches}):
         print(line, file=sys.stderr)
+    if notice:
+        print(notice, file=sys.stderr)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StoreError(f"{dst.parent}: cannot create the destination's directory ({e})") from e
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    if not locks:
+        tmp.mkdir(exist_ok=True)
+        locks.append(_lock(tmp))
+    elif not progress.layers and not progress.resident:
+        for child in tmp.iterdir():  # nothing of it is kept: start clean
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    (tmp / "experts").mkdir(exist_ok=True)
+    skip = tuple(f"{path}." for path, _ in switches)
+    numbers = [layer_number(path + ".") for path, _ in switches]
     try:
+        progress.save()
         tokenizer_files = _copy_tokenizer(src, tmp)
-        (tmp / "experts").mkdir()
-        layers = []
-        for i, (path, switch) in enumerate(
-            tqdm(switches, desc="pack experts", unit="layer", disable=not options.progress)
-        ):
-            layers.append(_write_layer(path, switch, tmp / "experts" / f"layer_{i:03d}.bin"))
-        skip = tuple(f"{path}." for path, _ in switches)
-        resident = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith(skip)}
-        mx.save_safetensors(str(tmp / RESIDENT), resident, metadata={"format": "mlx"})
+        if not progress.resident:
+            _write_resident(model, skip, tmp / RESIDENT)
+            progress.resident = True
+            progress.save()
+        if options.delete_source_shards:
+            _delete_consumed(src, progress, numbers)
+        start = len(progress.layers)  # resume at the first unfinished layer
+        bar = tqdm(total=len(switches), initial=start, desc="pack experts", unit="layer",
+                   disable=not options.progress)
+        for i in range(start, len(switches)):
+            path, switch = switches[i]
+            out = tmp / "experts" / f"layer_{i:03d}.bin"
+            spec = _write_layer(path, switch, out)
+            problem = verify_layer_file(out, spec)
+            if problem is not None:
+                raise StoreError(f"{problem} right after it was written; the disk lost data")
+            progress.layers.append(spec)
+            progress.save()
+            if options.delete_source_shards:
+                _delete_consumed(src, progress, numbers)
+            bar.update()
+        bar.close()
+        layers = progress.layers
         save_config(config, tmp / CONFIG)
         manifest = Manifest(
             model_type=config["model_type"],
@@ -493,8 +516,13 @@ def pack(src: Path | str, dst: Path | str, options: PackOptions = PackOptions())
         (tmp / MANIFEST).write_text(manifest.to_json())  # written last: its presence means done
         _fsync_dir(tmp)
         os.rename(tmp, dst)
+        (dst / PROGRESS).unlink()
         _fsync_dir(dst.parent)
         return manifest
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        print(
+            f"flashmoe pack: stopped with {len(progress.layers)} of {len(switches)} expert layers done "
+            f"and verified in {tmp}; run the same command again to resume there (or delete it)",
+            file=sys.stderr,
+        )
         raise

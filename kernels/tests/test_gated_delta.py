@@ -32,15 +32,6 @@ from mlx_lm.models import gated_delta as mlx_gd
 CUDA = mx.cuda.is_available()
 
 
-@pytest.fixture(autouse=True)
-def _cpu_default_device():
-    """The CPU as the default device for the test (the CPU paths are what these tests check)."""
-    previous = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(previous)
-
-
 def _assert_close(x: mx.array, ref: mx.array, rel: float = 1e-5, where: mx.array | None = None) -> None:
     x = np.array(x.astype(mx.float32), dtype=np.float64)
     ref = np.array(ref.astype(mx.float32), dtype=np.float64)

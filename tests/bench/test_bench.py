@@ -308,13 +308,30 @@ def _load_script(name: str):
     return importlib.import_module(f"bench.{name}")
 
 
-def test_h200_layers_tiny(tmp_path, monkeypatch):
+def _check_spread(s: dict, runs: int, median: float | None = None) -> None:
+    """A headline figure's median over its runs, with the min-max spread and each run's value."""
+    assert s["runs"] == runs == len(s["each"])
+    assert s["min"] == min(s["each"]) <= s["median"] <= s["max"] == max(s["each"])
+    if median is not None:
+        assert s["median"] == median
+
+
+def test_h200_layers_tiny(tmp_path):
     script = _load_script("h200_layers")
-    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    out = tmp_path / "out" / "h200.json"
     # --grouped-off-cuda: CUDA's expert paths, on CPU
-    report = script.main(["--tiny", "--grouped-off-cuda", "--workdir", str(tmp_path / "work")])
-    saved = json.loads((tmp_path / "out" / "h200.json").read_text())
+    report = script.main(["--tiny", "--grouped-off-cuda", "--workdir", str(tmp_path / "work"),
+                          "--json", str(out)])
+    saved = json.loads(out.read_text())
     assert saved["config"]["tiny"] is True and saved == json.loads(json.dumps(report, default=str))
+    assert (tmp_path / "out" / "h200.partial.json").exists()  # written after each step
+    # each decode run --runs (default 2) times: the median, its spread and each run's
+    assert report["config"]["runs"] == 2
+    for r in report["decode_runs"].values():
+        _check_spread(r["seconds_per_token_spread"], 2, r["seconds_per_token"])
+    ref = report["in_memory"]
+    _check_spread(ref["seconds_per_token_spread"], 2, ref["seconds_per_token"])
+    assert all(line.startswith(("decode", "prefill")) for line in script.summary(report))
     decode = report["decode"]
     assert decode["tokens"] > 0 and decode["seconds_per_token"] > 0 and decode["floor_seconds_per_token"] > 0
     parts = decode["components_seconds_per_token"]
@@ -332,10 +349,9 @@ def test_h200_layers_tiny(tmp_path, monkeypatch):
         runs["engine"]["hits"], runs["engine"]["misses"])
 
 
-def test_h200_prefill_tiny(tmp_path, monkeypatch):
+def test_h200_prefill_tiny(tmp_path):
     script = _load_script("h200_prefill")
-    monkeypatch.setenv("OUT", str(tmp_path))
-    report = script.main(["--tiny", "--reps", "1"])
+    report = script.main(["--tiny", "--reps", "2", "--json", str(tmp_path / "h200_prefill.json")])
     recurrence = report["recurrence"]
     assert set(recurrence) == {"mlx_lm_ops", "chunked"}  # no CUDA here
     assert recurrence["chunked"]["max_abs_diff_y"] < 1e-5
@@ -345,10 +361,18 @@ def test_h200_prefill_tiny(tmp_path, monkeypatch):
     for name in ("gdn_layer_mlx_lm", "gdn_layer_fast", "attention_layer", "router_topk", "experts",
                  "experts_grouped", "shared_expert", "moe_block", "experts_floor"):
         assert layers[name] > 0, name
-    assert json.loads((tmp_path / "h200_prefill.json").read_text())["config"]["tokens"] == 24
+    saved = json.loads((tmp_path / "h200_prefill.json").read_text())
+    assert saved["config"]["tokens"] == 24 and saved == json.loads(json.dumps(report))
+    # each part: the median of its warm runs, with their spread
+    spreads = report["warm_spread_seconds"]
+    for name, r in recurrence.items():
+        _check_spread(spreads[f"recurrence_{name}"], 2, r["seconds"])
+    for name in ("gdn_layer_fast", "experts_grouped", "moe_block"):
+        _check_spread(spreads[name], 2, layers[name])
     # each part's first (compiling) run is kept apart from the warm median
     assert set(report["first_run_seconds"]) >= {"gdn_layer_fast", "experts_grouped", "recurrence_chunked"}
-    assert (tmp_path / "h200_prefill.md").read_text().startswith("Prefill of 24 tokens")
+    markdown = (tmp_path / "h200_prefill.md").read_text()
+    assert markdown.startswith("Prefill of 24 tokens") and "| min-max (runs) |" in markdown
 
 
 def test_h200_layers_prefill_only_tiny(tmp_path):
@@ -365,6 +389,11 @@ def test_h200_layers_prefill_only_tiny(tmp_path):
     # one expert call per layer; the grouped path is CUDA's only
     assert report["prefill"]["expert_calls"] == 4 and report["prefill"]["grouped_expert_calls"] == 0
     assert len(report["prefill"]["runs"]) == 2 and len(report["prefill"]["per_layer_seconds"]["moe"]) == 4
+    # the first run (compiles kernels on CUDA) apart; median and spread of the later ones
+    runs = report["prefill"]["runs"]
+    assert report["prefill"]["first_run_seconds"] == runs[0]["seconds"]
+    _check_spread(report["prefill"]["warm_seconds"], 1, runs[1]["seconds"])
+    _check_spread(report["prefill"]["warm_over_one_pass"], 1, runs[1]["over_one_pass"])
     # the three GatedDeltaNet layers take the fast recurrence (on CPU: the chunked form)
     assert report["prefill"]["gated_delta_paths"] == ["chunked"] * 3
 
@@ -383,18 +412,25 @@ def test_h200_layers_prefill_grouped_and_stacked_tiny(tmp_path):
     assert grouped["components_seconds"]["expert_stack"] == 0 < stacked["components_seconds"]["expert_stack"]
 
 
-def test_h200_probe_tiny(tmp_path, monkeypatch):
+def test_h200_probe_tiny(tmp_path):
     script = _load_script("h200_probe")
-    monkeypatch.setenv("OUT", str(tmp_path))
-    report = script.main(["--tiny", "--workdir", str(tmp_path / "work")])
+    out = tmp_path / "probe.json"
+    report = script.main(["--tiny", "--workdir", str(tmp_path / "work"), "--json", str(out)])
     stages = report["stages"]
     assert list(stages) == ["1_fresh", "2_after_read", "3_after_free", "4_after_clear_cache",
-                            "5_prefill", "5_prefill_parts_after"]
+                            "5_prefill", "5_prefill_parts_after", "5_prefill_warm"]
     for name in ("gdn", "router", "shared_expert", "attention"):
-        assert stages["1_fresh"][name]["first"] > 0 and stages["1_fresh"][name]["warm"] > 0, name
+        part = stages["1_fresh"][name]
+        assert part["first"] > 0 and part["warm"] > 0, name
+        _check_spread(part["warm_spread"], 3, part["warm"])
+    # --runs (default 2) whole prefills after the first: their median and spread
+    warm = stages["5_prefill_warm"]
+    _check_spread(warm["seconds"], 2)
+    assert warm["seconds"]["each"] == [r["seconds"] for r in warm["runs"]]
     assert stages["5_prefill"]["choices"]["gated_delta"] == ["chunked"] * 3
     assert len(stages["5_prefill"]["per_layer"]["moe"]) == 4
-    assert json.loads((tmp_path / "probe.json").read_text())["stages"].keys() == stages.keys()
+    saved = json.loads(out.read_text())
+    assert saved["stages"].keys() == stages.keys() and saved["config"]["runs"] == 2
 
 
 def test_router_recall_recomputes_the_engines_own_routing():
@@ -426,3 +462,16 @@ def test_prefetch_recall_script_on_the_demo_model(tmp_path):
     assert report["prompts"] == 4 and report["sequences"] == 4  # one held-out prompt per demo task
     assert set(report["recall"]) == {"layer_ahead", "attention_ahead", "previous_token"}
     assert json.loads((tmp_path / "r.json").read_text()) == report
+
+
+def test_inplace_tiny(tmp_path):
+    """Issue 18's benchmark at tiny size: both layouts hold the same experts, the same trace
+    gives the same hits, and the report has its headline figures."""
+    report = _load_script("inplace").main(
+        ["--tiny", "--layers", "4", "--tokens", "6", "--warmup", "2", "--runs", "2",
+         "--work", str(tmp_path / "w"), "--json", str(tmp_path / "r.json")]
+    )
+    assert report["same_expert_bytes"] is True
+    assert report["hit_rate"]["packed"] == report["hit_rate"]["in_place"]
+    assert report["ms_per_token"]["in_place"]["runs"] == 2 and report["in_place_speed_vs_packed"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["checkpoint_shards"] >= 1

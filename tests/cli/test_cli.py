@@ -145,7 +145,10 @@ def test_directory_that_is_not_a_store(tmp_path, capsys):
     from flashmoe_backend import FlashMoE
     from flashmoe_backend.errors import StoreNotFoundError
 
-    expected = f"{tmp_path}: not a flashmoe store (no manifest.json); make one with `flashmoe pack`"
+    expected = (
+        f"{tmp_path}: not a flashmoe store (no manifest.json) nor a model checkpoint (no config.json); "
+        "make a store with `flashmoe pack`, or pass an mlx-community checkpoint directory"
+    )
     with pytest.raises(StoreNotFoundError) as caught:
         FlashMoE.load(tmp_path)
     assert str(caught.value) == expected

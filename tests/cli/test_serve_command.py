@@ -27,7 +27,7 @@ def test_help_lists_serve_and_its_options(capsys):
     code, out, _ = run(["serve", "--help"], capsys)
     assert code == 0
     for option in ("--host", "--port", "--cache-gb", "--api-key", "--max-queue", "--timeout",
-                   "--max-body-bytes", "--max-tokens-limit", "--offline"):
+                   "--max-body-bytes", "--max-tokens-limit", "--prompt-cache-dir", "--offline"):
         assert option in out
     assert "default: 127.0.0.1" in out
 
@@ -39,6 +39,7 @@ def test_help_lists_serve_and_its_options(capsys):
         (["serve", "demo", "--max-queue", "-1"], "argument --max-queue: must be >= 0, got -1"),
         (["serve", "demo", "--api-key", ""], "argument --api-key: must not be empty"),
         (["serve", "demo", "--timeout", "x"], "argument --timeout: must be a number, got 'x'"),
+        (["serve", "demo", "--prompt-cache-dir", ""], "argument --prompt-cache-dir: must not be empty"),
     ],
 )
 def test_bad_arguments_are_one_line(argv, message, capsys):

@@ -543,6 +543,77 @@ def test_steering_closes_against_a_model_that_wants_more(fmt, schema, tiny_token
     assert c.parse(text)[0].name == "t"
 
 
+@pytest.mark.parametrize("schema,written", [
+    # digits loop in [0-9]+ until the unit: the way out takes the unit, not 40 more digits
+    ({"type": "string", "pattern": "^([0-9]+[wdhm])( [0-9]+[wdhm]){0,3}$"}, "1" * 30),
+    # a closing ] leaves the same choice (, or ]) once: still the way out, not a new item
+    ({"type": "array", "items": {"type": "array", "items": {"anyOf": [
+        {"type": "string", "maxLength": 500}, {"type": "number"}, {"type": "null"}]}}},
+     '[["package is delivered", 1000000'),
+])
+def test_finishing_walk_leaves_loops(schema, written, tiny_tokenizer_dir):
+    """The way to finish (what steering holds a model to near max_tokens) is short from inside
+    a loop: from the bench's two tools that did not fit in 256 tokens (pm_log_work's
+    ``time_spent``, sheet_append_rows' ``rows``)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    c = tool_call_constraint([_one_param(schema)], "required", "xml",
+                             load_tokenizer(tiny_tokenizer_dir("xml")), parallel=False)
+    proc = c.logits_processor()
+    head = "<tool_call>\n<function=t>\n<parameter=v>\n" + written
+    assert proc.advance_text(head)
+    path = proc.finishing_path(24)
+    assert path is not None
+    text = head + c.vocabulary.decode_bytes(path).decode()
+    assert c.status(text) == "complete", text
+
+
+def test_steering_stops_a_comma_that_cannot_be_finished(tiny_tokenizer_dir):
+    """A model that always wants another array item is held to the way out at the comma that
+    would commit to an item with no room left to write it, although the way out from before
+    the comma is short (steering used to wait for that short way to fill the tokens left)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    item = {"type": "object", "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{100}$"}},
+            "required": ["sku"]}
+    c = tool_call_constraint([_one_param({"type": "array", "items": item})], "required", "xml",
+                             load_tokenizer(tiny_tokenizer_dir("xml")), parallel=False)
+    vocab = c.vocabulary
+    bias = np.zeros((1, vocab.size), np.float32)
+    for i, b in enumerate(vocab.token_bytes):
+        if b.strip() in (b",", b"{", b"[") or b.startswith(b'"sku'):
+            bias[0, i] = 20.0  # another item, always
+        elif b.isalnum():
+            bias[0, i] = 5.0
+
+    def run(max_tokens):
+        proc = c.logits_processor(max_tokens=max_tokens)
+        ids = [vocab.eos_token_id]  # stands for the prompt
+        for _ in range(max_tokens or 400):
+            ids.append(int(mx.argmax(proc(mx.array(ids), mx.array(bias)), axis=-1).item()))
+            if ids[-1] in vocab.eos_token_ids:
+                break
+        if ids[-1] not in vocab.eos_token_ids:
+            proc(mx.array(ids), mx.array(bias))  # take in the last token
+        out = [vocab.token_bytes[t] for t in ids[1:] if t not in vocab.eos_token_ids]
+        return proc, out
+
+    # Free, the model writes items forever: where does its first item end, and how long is one?
+    _, free = run(None)
+    ends = [i for i, b in enumerate(free) if b"}" in b][:2]
+    first_end, item_tokens = ends[0], ends[1] - ends[0]
+    # Room after the first item for the way out and steering's margin, not for another item.
+    probe = c.logits_processor()
+    assert probe.advance_text(b"".join(free[: first_end + 1]))
+    way_out = len(probe.finishing_path(200))
+    room = item_tokens - 4
+    assert way_out + 16 < room < item_tokens + way_out, (way_out, item_tokens)
+    proc, out = run(first_end + 1 + room)
+    text = b"".join(out).decode()
+    assert proc.is_complete, text
+    assert text.count('"sku"') == 1 and c.parse(text)[0].name == "t"
+
+
 @pytest.mark.parametrize("value", ['["a", "b"]', '["a</parameter>b"]', '["x</tool_call>y"]'])
 def test_closing_tags_inside_a_json_value_parse_back(value, tiny_tokenizer_dir):
     """A JSON-valued XML parameter may hold a closing tag inside a string (the grammar allows

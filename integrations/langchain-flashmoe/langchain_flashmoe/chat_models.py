@@ -84,7 +84,8 @@ class ChatFlashMoE(BaseChatModel):
     """
 
     model: str
-    """Path of the FlashMoE store directory (made by ``flashmoe pack``)."""
+    """A FlashMoE store directory (made by ``flashmoe pack``), an mlx-community checkpoint
+    directory (read in place), or a Hugging Face repo id in the local cache."""
     cache_gb: float = 4.0
     """Byte budget of the expert cache, in GiB."""
     experts_per_token: int | None = None

@@ -96,7 +96,8 @@ class _Shared:
 class FlashMoE(FunctionCallingLLM):
     """A local Mixture-of-Experts model run by flashmoe, for LlamaIndex.
 
-    ``model`` is a store directory made by ``flashmoe pack``. The model must have a chat
+    ``model`` is a store directory made by ``flashmoe pack``, an mlx-community checkpoint
+    directory (read in place) or a Hugging Face repo id in the local cache. The model must have a chat
     template; its tool-call format (Qwen3.5 XML or Hermes JSON) is handled by the engine.
 
     Examples:
@@ -110,7 +111,10 @@ class FlashMoE(FunctionCallingLLM):
 
     # Values are checked by the engine (FlashMoE.load, FlashMoE.generation_params), not by pydantic
     # constraints here, so that both integrations raise the engine's errors for the same mistakes.
-    model: str = Field(description="Path of the flashmoe store directory (made by `flashmoe pack`).")
+    model: str = Field(
+        description="A flashmoe store directory (made by `flashmoe pack`), an mlx-community checkpoint "
+        "directory (read in place), or a Hugging Face repo id in the local cache."
+    )
     cache_gb: float = Field(default=4.0, description="Byte budget of the expert cache, in GiB.")
     experts_per_token: int | None = Field(
         default=None,
