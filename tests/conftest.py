@@ -37,10 +37,11 @@ def _flashmoe_home(tmp_path_factory: pytest.TempPathFactory):
         os.environ["FLASHMOE_HOME"] = previous
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _cpu_default_device():
-    """The CPU as every test's default device: the CPU paths' exact comparisons must hold on a
-    GPU machine too. A GPU test runs its GPU part under ``mx.stream(mx.gpu)`` itself."""
+    """The CPU as the default device for the whole session, module fixtures included: the CPU
+    paths' exact comparisons must hold on a GPU machine too. A GPU test runs its GPU part under
+    ``mx.stream(mx.gpu)`` itself."""
     import mlx.core as mx
 
     previous = mx.default_device()

@@ -29,15 +29,6 @@ PROMPT = [5, 17, 42, 99, 7, 250, 31, 64, 128, 3, 77, 11]
 GB = 1024**3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cpu():
-    """CPU paths (tiny float32 models): pin the CPU device also on a GPU machine."""
-    previous = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(previous)
-
-
 @pytest.fixture(autouse=True)
 def _home(tmp_path, monkeypatch):
     """Each test its own index cache: first reads are first reads."""

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 
 from flashmoe_backend import FlashMoE, StoreNotFoundError
@@ -24,14 +23,6 @@ from tests.fixtures.tiny import fake_hf_cache, reshard_checkpoint
 REPO = "mlx-community/Tiny-Qwen3-MoE-4bit"
 REVISION = "1234567890abcdef1234567890abcdef12345678"
 PROMPT = [5, 17, 42, 99, 7, 250, 31, 64]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cpu():
-    previous = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(previous)
 
 
 @pytest.fixture(scope="module")

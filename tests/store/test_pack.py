@@ -39,15 +39,6 @@ G32 = {"group_size": 32, "bits": 4, "mode": "affine"}
 G64 = {"group_size": 64, "bits": 4, "mode": "affine"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cpu():
-    """These are CPU paths (tiny float32 models): pin the CPU device also on a GPU machine."""
-    previous = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(previous)
-
-
 def _pack(src: Path, dst: Path, **options) -> list[str]:
     """Pack; returns the lines pack printed to stderr."""
     err = io.StringIO()

@@ -17,7 +17,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 
 from flashmoe_backend import FlashMoE, PackOptions, StoreError, pack
@@ -26,14 +25,6 @@ from flashmoe_backend.store.format import read_manifest
 from tests.fixtures.tiny import reshard_checkpoint
 
 RECORDS_PER_LAYER = 16  # the fixture's experts per layer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cpu():
-    previous = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(previous)
 
 
 @pytest.fixture(scope="module")
